@@ -1,0 +1,98 @@
+"""The per-row contract every backend implements, and the choice of backend.
+
+A backend is a module with a function
+
+    compute_rows(student, partial, full, row_temperature, active, grad_scale, grad_out, *,
+                 lam, clip, beta, with_diagnostics) -> RowResult
+
+over flat inputs:
+
+- ``student``, ``partial``, ``full``: ``[B, T, V]`` views with unit stride in V; the two row strides
+  are arbitrary and may differ between the three, so a ``logits[:, :-1]`` slice needs no copy. Row
+  ``i`` is ``(i // T, i % T)``; every per-row tensor below is flat ``[N = B * T]`` in that order.
+  float32, bfloat16 or float16, mixed freely (the reference also takes float64).
+- ``row_temperature``: float32 ``[N]``, every entry > 0.
+- ``active``: bool ``[N]``. Inactive rows get loss 0, diagnostics 0, gradient 0, and no other work.
+- ``grad_scale``: float32 ``[N]`` or None. When given, ``grad_out`` (``[B, T, V]``, the student's dtype,
+  unit stride in V, possibly ``student`` itself for ``inplace_grad``) receives
+  ``grad_scale[i] * dD_i / ds[i, v]`` on active rows and exact zeros on inactive rows.
+- ``lam`` >= 0, ``clip`` > 0 (may be ``math.inf``), ``beta`` in [0, 1]: validated Python floats.
+
+It returns the unweighted per-row divergence ``D_i`` (float32, float64 for float64 input) and, when
+``with_diagnostics``, a float32 ``[4, N]`` tensor (belief_shift, clipped_mass, student_entropy,
+target_entropy). Validation, flattening, weights and reductions live in ``functional.py``, never here.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import NamedTuple
+
+import torch
+
+BACKENDS = ("auto", "triton", "native", "reference")
+
+
+class RowResult(NamedTuple):
+    row_loss: torch.Tensor
+    diagnostics: torch.Tensor | None
+
+
+def _triton_interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def native_available() -> bool:
+    try:
+        native = importlib.import_module("aropd_kernels.native")
+    except ImportError:
+        return False
+    return native.available()
+
+
+def triton_available() -> bool:
+    try:
+        importlib.import_module("aropd_kernels.triton")
+    except ImportError:
+        return False
+    return True
+
+
+def resolve(backend: str, device: torch.device, dtypes: tuple[torch.dtype, ...]) -> str:
+    """Name of the backend that will run, or ValueError saying why the requested one cannot."""
+    if torch.float64 in dtypes:
+        if backend not in ("auto", "reference"):
+            raise ValueError(
+                f"backend={backend!r} does not take float64 logits; cast them to float32 or use "
+                "backend='reference' (float64 is meant for exact checks)."
+            )
+        return "reference"
+    if backend == "auto":
+        if device.type == "cuda" and triton_available():
+            return "triton"
+        if device.type == "cpu" and native_available():
+            return "native"
+        return "reference"
+    if backend == "triton":
+        if not triton_available():
+            raise ValueError("backend='triton' needs the triton package: pip install triton (Linux).")
+        if device.type != "cuda" and not _triton_interpreter_enabled():
+            raise ValueError(
+                "backend='triton' needs CUDA tensors; move the logits to a GPU, use backend='auto', "
+                "or set TRITON_INTERPRET=1 to run the kernels on CPU in the (slow) interpreter."
+            )
+        return "triton"
+    if backend == "native":
+        if device.type != "cpu":
+            raise ValueError("backend='native' runs on CPU tensors only; use backend='auto' or 'triton' on CUDA.")
+        if not native_available():
+            reason = importlib.import_module("aropd_kernels.native").unavailable_reason()
+            raise ValueError(f"backend='native' is not built: {reason}. Use backend='reference' or reinstall.")
+        return "native"
+    return "reference"
+
+
+def compute_rows(name: str, *args, **kwargs) -> RowResult:
+    module = importlib.import_module(f"aropd_kernels.{name}")
+    return module.compute_rows(*args, **kwargs)

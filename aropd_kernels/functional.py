@@ -1,0 +1,266 @@
+"""Public entry point: validate (SPEC §6), view as rows, dispatch to a backend, reduce.
+
+Validation, reshaping, weights and reductions live here once; backends see only the per-row
+contract of :mod:`aropd_kernels.backends`.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from . import backends
+from .ops import anchored_residual_kl_op
+
+REDUCTIONS = ("none", "sum", "batchmean", "seq_mean")
+LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+class Diagnostics(NamedTuple):
+    """Per-token float32 tensors of shape ``[...]``, 0 at skipped tokens, outside autograd."""
+
+    belief_shift: torch.Tensor  # KL(q_F || q_P): how far the privileged trace moves the teacher
+    clipped_mass: torch.Tensor  # full-teacher probability on tokens whose residual was clipped
+    student_entropy: torch.Tensor  # -sum p log p
+    target_entropy: torch.Tensor  # -sum q log q
+
+
+def anchored_residual_kl(
+    student_logits: torch.Tensor,
+    partial_teacher_logits: torch.Tensor,
+    full_teacher_logits: torch.Tensor,
+    *,
+    lam: float = 1.0,
+    clip: float = 5.0,
+    beta: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    mask: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    reduction: str = "batchmean",
+    num_items_in_batch: int | torch.Tensor | None = None,
+    return_diagnostics: bool = False,
+    inplace_grad: bool = False,
+    backend: str = "auto",
+):
+    """Divergence between the student and the anchored residual target of AR-OPD (SPEC §1, §3).
+
+    ``log q = log_softmax(la + lam * clamp(lf - la, -clip, clip))`` where ``la``, ``lf`` are the
+    partial and full teachers' log-softmax at ``temperature``. ``beta`` picks the divergence:
+    1 reverse KL(p || q) (default), 0 forward KL(q || p), in between TRL's generalized JSD.
+    Gradients flow to ``student_logits`` only. Returns the loss, or ``(loss, Diagnostics)`` when
+    ``return_diagnostics``. See docs/api.md for every argument.
+    """
+    tensors = (student_logits, partial_teacher_logits, full_teacher_logits)
+    _check_logits(*tensors)
+    batch_shape = student_logits.shape[:-1]
+    _check_scalars(lam, clip, beta, reduction, backend, num_items_in_batch)
+    if reduction == "seq_mean" and student_logits.dim() != 3:
+        raise ValueError(
+            f"reduction='seq_mean' needs [B, T, V] logits, got shape {tuple(student_logits.shape)}; "
+            "reshape to [batch, sequence, vocab] or use reduction='batchmean'."
+        )
+    compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
+    _check_inplace(student_logits, inplace_grad, compute_grad)
+    active = _active_rows(labels, ignore_index, mask, batch_shape, student_logits.device)
+    row_temperature = _row_temperature(temperature, batch_shape, student_logits.device)
+    row_weights = _row_weights(weights, batch_shape, student_logits.device)
+    name = backends.resolve(backend, student_logits.device, tuple(t.dtype for t in tensors))
+
+    rows_views = [_as_rows(t) for t in tensors]
+    row_scale = _row_scale(reduction, row_weights, active, batch_shape, num_items_in_batch)
+    loss, diagnostics, _ = anchored_residual_kl_op(
+        *rows_views, row_temperature, active, row_scale,
+        float(lam), float(clip), float(beta), reduction != "none",
+        compute_grad, return_diagnostics, inplace_grad, name,
+    )
+    if inplace_grad and compute_grad:
+        torch.autograd.graph.increment_version(student_logits)  # its storage now holds the gradient
+    if reduction == "none":
+        loss = loss.view(batch_shape)
+    if not return_diagnostics:
+        return loss
+    return loss, Diagnostics(*(d.view(batch_shape) for d in diagnostics.unbind(0)))
+
+
+class AnchoredResidualKL(nn.Module):
+    """Module form of :func:`anchored_residual_kl`; the constructor takes its keyword arguments."""
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        self.kwargs = kwargs
+
+    def forward(self, student_logits, partial_teacher_logits, full_teacher_logits, **overrides):
+        return anchored_residual_kl(
+            student_logits, partial_teacher_logits, full_teacher_logits, **{**self.kwargs, **overrides}
+        )
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+
+
+# --- validation (SPEC §6): every check runs before any kernel -------------------------------------
+
+_NAMES = ("student_logits", "partial_teacher_logits", "full_teacher_logits")
+
+
+def _check_logits(*tensors: torch.Tensor) -> None:
+    for name, tensor in zip(_NAMES, tensors):
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}.")
+        if tensor.dtype not in LOGIT_DTYPES:
+            raise TypeError(
+                f"{name} has dtype {tensor.dtype}; logits must be float32, bfloat16 or float16 "
+                "(float64 for reference checks). Cast with .float()."
+            )
+        if tensor.dim() == 0 or tensor.shape[-1] == 0:
+            raise ValueError(f"{name} must have shape [..., V] with V >= 1, got {tuple(tensor.shape)}.")
+    student = tensors[0]
+    for name, tensor in zip(_NAMES[1:], tensors[1:]):
+        if tensor.shape != student.shape:
+            raise ValueError(
+                f"{name} has shape {tuple(tensor.shape)} but student_logits has {tuple(student.shape)}; "
+                "align the teacher's logits to the student's completion tokens (see docs/integration.md)."
+            )
+        if tensor.device != student.device:
+            raise ValueError(f"{name} is on {tensor.device} but student_logits is on {student.device}; move it with .to().")
+        if tensor.requires_grad:
+            raise ValueError(
+                f"{name} requires grad, but teachers are constants here: pass {name}.detach() or "
+                "compute the teacher under torch.no_grad()."
+            )
+
+
+def _check_real(name: str, value, condition: str, ok: bool) -> None:
+    if isinstance(value, bool) or not isinstance(value, Real):
+        raise TypeError(f"{name} must be a Python number, got {type(value).__name__}.")
+    if not ok:
+        raise ValueError(f"{name} must be {condition}, got {value!r}.")
+
+
+def _check_scalars(lam, clip, beta, reduction, backend, num_items_in_batch) -> None:
+    _check_real("lam", lam, "a finite number >= 0 (1.0 is the paper's default)",
+                isinstance(lam, Real) and math.isfinite(lam) and lam >= 0)
+    _check_real("clip", clip, "> 0 (math.inf disables clipping; 5.0 is the paper's default)",
+                isinstance(clip, Real) and clip > 0)
+    _check_real("beta", beta, "in [0, 1] (1 reverse KL, 0 forward KL, between: JSD)",
+                isinstance(beta, Real) and 0 <= beta <= 1)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
+    if backend not in backends.BACKENDS:
+        raise ValueError(f"backend must be one of {backends.BACKENDS}, got {backend!r}.")
+    if num_items_in_batch is not None:
+        if reduction != "batchmean":
+            raise ValueError(
+                f"num_items_in_batch only applies to reduction='batchmean', got reduction={reduction!r}; "
+                "drop it or switch the reduction."
+            )
+        if not isinstance(num_items_in_batch, torch.Tensor):
+            _check_real("num_items_in_batch", num_items_in_batch, "> 0 (the number of tokens in the whole batch)",
+                        isinstance(num_items_in_batch, Real) and num_items_in_batch > 0)
+        elif num_items_in_batch.numel() != 1:
+            raise ValueError("num_items_in_batch must be a number or a one-element tensor.")
+
+
+def _check_inplace(student: torch.Tensor, inplace_grad: bool, compute_grad: bool) -> None:
+    if not inplace_grad:
+        return
+    if student.is_leaf and student.requires_grad:
+        raise ValueError(
+            "inplace_grad=True would overwrite a leaf tensor that requires grad; use it on logits "
+            "produced by the model (a non-leaf), or set inplace_grad=False."
+        )
+    if compute_grad and torch.compiler.is_compiling():
+        raise ValueError("inplace_grad=True is eager-only; set inplace_grad=False under torch.compile.")
+
+
+def _check_per_token(name: str, tensor, batch_shape, dtypes: str, ok) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {tuple(batch_shape)}, got {type(tensor).__name__}.")
+    if tensor.shape != batch_shape:
+        raise ValueError(
+            f"{name} must have the logits' shape without the vocabulary dimension, {tuple(batch_shape)}, "
+            f"got {tuple(tensor.shape)}."
+        )
+    if not ok(tensor.dtype):
+        raise TypeError(f"{name} must be a {dtypes} tensor, got {tensor.dtype}.")
+
+
+def _active_rows(labels, ignore_index, mask, batch_shape, device) -> torch.Tensor:
+    """bool [N]: rows that count. labels == ignore_index and mask == False are skipped."""
+    active = torch.ones(batch_shape.numel(), dtype=torch.bool, device=device)
+    if labels is not None:
+        _check_per_token("labels", labels, batch_shape, "integer",
+                         lambda d: not d.is_floating_point and not d.is_complex and d != torch.bool)
+        active &= labels.to(device).reshape(-1) != ignore_index
+    if mask is not None:
+        _check_per_token("mask", mask, batch_shape, "bool", lambda d: d == torch.bool)
+        active &= mask.to(device).reshape(-1)
+    return active
+
+
+def _row_temperature(temperature, batch_shape, device) -> torch.Tensor:
+    n_rows = batch_shape.numel()
+    if isinstance(temperature, torch.Tensor):
+        _check_per_token("temperature", temperature, batch_shape, "floating", lambda d: d.is_floating_point)
+        if not torch.compiler.is_compiling() and not bool((temperature > 0).all()):
+            raise ValueError("temperature must be > 0 for every token; found entries <= 0 or NaN.")
+        return temperature.detach().to(device=device, dtype=torch.float32).reshape(n_rows)
+    _check_real("temperature", temperature, "> 0 and finite", isinstance(temperature, Real)
+                and 0 < temperature < math.inf)
+    return torch.full((n_rows,), float(temperature), dtype=torch.float32, device=device)
+
+
+def _row_weights(weights, batch_shape, device) -> torch.Tensor | None:
+    if weights is None:
+        return None
+    _check_per_token("weights", weights, batch_shape, "floating", lambda d: d.is_floating_point)
+    return weights.detach().to(device=device, dtype=torch.float32).reshape(-1)
+
+
+# --- rows and reductions ---------------------------------------------------------------------------
+
+
+def _as_rows(logits: torch.Tensor) -> torch.Tensor:
+    """A [B, T, V] view with unit stride in V; copies only when no such view exists."""
+    if logits.stride(-1) != 1 and logits.shape[-1] > 1:
+        logits = logits.contiguous()
+    sizes, strides = [], []
+    for size, stride in zip(logits.shape[:-1], logits.stride()[:-1]):
+        if size == 1:
+            continue
+        if sizes and strides[-1] == stride * size:  # merges with the dimension before it
+            sizes[-1] *= size
+            strides[-1] = stride
+        else:
+            sizes.append(size)
+            strides.append(stride)
+    if len(sizes) > 2:  # no [B, T, V] view exists: reshape copies
+        sizes = [-1]
+    sizes = [1] * (2 - len(sizes)) + sizes
+    return logits.reshape(*sizes, logits.shape[-1])
+
+
+def _row_scale(reduction, row_weights, active, batch_shape, num_items_in_batch) -> torch.Tensor:
+    """Per-row factor turning D_i into its share of the loss: weight times the reduction's normalizer."""
+    scale = active.to(torch.float32)
+    if row_weights is not None:
+        scale = scale * row_weights
+    if reduction == "batchmean":
+        if num_items_in_batch is None:
+            denominator = active.sum().clamp(min=1)
+        elif isinstance(num_items_in_batch, torch.Tensor):
+            denominator = num_items_in_batch.to(device=scale.device, dtype=torch.float32).reshape(())
+        else:
+            denominator = float(num_items_in_batch)
+        scale = scale / denominator
+    elif reduction == "seq_mean":
+        n_sequences, seq_len = batch_shape[0], batch_shape[1]
+        tokens_per_sequence = active.view(n_sequences, seq_len).sum(-1, keepdim=True).clamp(min=1)
+        scale = (scale.view(n_sequences, seq_len) / tokens_per_sequence / max(n_sequences, 1)).reshape(-1)
+    return scale

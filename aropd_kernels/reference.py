@@ -137,7 +137,7 @@ def compute_rows(
     if with_diagnostics:
         diagnostics = torch.zeros(4, n_rows, dtype=dtype, device=student.device)
         diagnostics.index_copy_(1, rows, _diagnostics(log_student, log_partial, log_full, log_target, clip))
-        diagnostics = diagnostics.to(torch.float32) if dtype != torch.float64 else diagnostics
+        diagnostics = diagnostics.to(torch.float32)  # float32 whatever the compute dtype (SPEC §3)
     if grad_scale is not None:
         scale = (grad_scale.to(dtype).index_select(0, rows) * inv_temperature.squeeze(-1).index_select(0, rows))
         row_grad = (score * scale.unsqueeze(-1)).to(grad_out.dtype)

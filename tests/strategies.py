@@ -1,0 +1,76 @@
+"""Hypothesis strategies for AR-OPD problems: shapes, views, -inf padding, masks, weights, scalars."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+from hypothesis import strategies as st
+
+VOCAB_SIZES = (1, 2, 3, 7, 31, 64, 65, 127, 257, 1000, 1031)
+
+
+class Problem(NamedTuple):
+    student: torch.Tensor
+    partial: torch.Tensor
+    full: torch.Tensor
+    lam: float
+    clip: float
+    beta: float
+    temperature: float | torch.Tensor
+    mask: torch.Tensor | None
+    weights: torch.Tensor | None
+
+
+def _view(base: torch.Tensor, layout: str) -> torch.Tensor:
+    """The same values as ``base`` laid out as a contiguous tensor, a row slice or a transposed view."""
+    if layout == "contiguous":
+        return base.clone()
+    if layout == "sliced":  # a [:, :-1]-style slice of a wider, longer buffer: non-mergeable rows
+        padded = torch.zeros(*base.shape[:-2], base.shape[-2] + 1, base.shape[-1] + 3, dtype=base.dtype)
+        padded[..., : base.shape[-2], : base.shape[-1]] = base
+        return padded[..., : base.shape[-2], : base.shape[-1]]
+    return base.transpose(-1, -2).contiguous().transpose(-1, -2)  # stride 1 along rows, not V
+
+
+@st.composite
+def problems(draw, dtypes=(torch.float32, torch.bfloat16, torch.float16), max_rows: int = 6,
+             vocab_sizes=VOCAB_SIZES) -> Problem:
+    vocab = draw(st.sampled_from(vocab_sizes))
+    batch_shape = draw(st.sampled_from([(), (1,), (max_rows,), (2, max_rows // 2), (0,), (3,)]))
+    dtype = draw(st.sampled_from(dtypes))
+    teacher_dtype = draw(st.sampled_from([dtype, torch.float32]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    scale = draw(st.sampled_from([1.0, 4.0]))
+    generator = torch.Generator().manual_seed(seed)
+    shape = (*batch_shape, vocab)
+
+    def logits():
+        return torch.randn(shape, generator=generator, dtype=torch.float64) * scale
+
+    student, partial = logits(), logits()
+    full = partial + draw(st.sampled_from([0.5, 3.0])) * logits()  # correlated with the anchor
+    padding = draw(st.integers(0, min(3, vocab - 1)))
+    if padding:  # vocabulary padding: -inf in all three
+        for tensor in (student, partial, full):
+            tensor[..., vocab - padding:] = -math.inf
+    if vocab - padding > 2 and draw(st.booleans()):  # a token one teacher bans
+        banned = draw(st.sampled_from([partial, full]))
+        banned[..., 0] = -math.inf
+    layout = draw(st.sampled_from(["contiguous", "sliced", "transposed"])) if len(batch_shape) >= 1 else "contiguous"
+
+    lam = draw(st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0.0, 2.0)))
+    clip = draw(st.one_of(st.just(math.inf), st.floats(0.1, 10.0)))
+    beta = draw(st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0.05, 0.95)))
+    temperature = draw(st.sampled_from([1.0, 0.7, 1.5, "per-token"]))
+    if temperature == "per-token":
+        temperature = 0.5 + torch.rand(batch_shape, generator=generator)
+    mask = torch.rand(batch_shape, generator=generator) > 0.3 if draw(st.booleans()) else None
+    weights = torch.rand(batch_shape, generator=generator) * 2 if draw(st.booleans()) else None
+    return Problem(
+        _view(student.to(dtype), layout),
+        _view(partial.to(teacher_dtype), layout),
+        _view(full.to(teacher_dtype), layout),
+        lam, clip, beta, temperature, mask, weights,
+    )

@@ -66,12 +66,16 @@ def gold_target(la: torch.Tensor, lf: torch.Tensor, lam: float, clip: float) -> 
     return torch.log_softmax(z, dim=-1)
 
 
-def gold(student, partial, full, *, lam, clip, beta, temperature) -> Gold:
-    """Float64 evaluation of SPEC §1 on [N, V] inputs; temperature is a float or a [N] tensor."""
-    temperature = temperature.double().unsqueeze(-1) if isinstance(temperature, torch.Tensor) else temperature
-    s = student.detach().double().cpu().requires_grad_(True)
-    la = torch.log_softmax(partial.detach().double().cpu() / temperature, dim=-1)
-    lf = torch.log_softmax(full.detach().double().cpu() / temperature, dim=-1)
+def gold(student, partial, full, *, lam, clip, beta, temperature, dtype=torch.float64) -> Gold:
+    """Evaluation of SPEC §1 on [N, V] inputs; temperature is a float or a [N] tensor.
+
+    ``dtype=torch.float64`` is the gold; ``dtype=torch.float32`` is the straightforward float32 torch
+    computation whose error sets the gradient tolerance (SPEC §4).
+    """
+    temperature = temperature.to(dtype).unsqueeze(-1) if isinstance(temperature, torch.Tensor) else temperature
+    s = student.detach().to(dtype).cpu().requires_grad_(True)
+    la = torch.log_softmax(partial.detach().to(dtype).cpu() / temperature, dim=-1)
+    lf = torch.log_softmax(full.detach().to(dtype).cpu() / temperature, dim=-1)
     lq = gold_target(la, lf, lam, clip)
     ls = torch.log_softmax(s / temperature, dim=-1)
     p, q = ls.exp(), lq.exp()

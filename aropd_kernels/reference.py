@@ -22,8 +22,11 @@ def _compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 
 def _xlogy_where(weight: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """weight * value with 0 * anything = 0, so -inf padding (weight 0) never yields NaN."""
-    return torch.where(weight > 0, weight * value, torch.zeros_like(value))
+    """weight * value with 0 * anything = 0, so -inf padding (weight 0) never yields NaN.
+
+    The test is ``weight == 0``, not ``weight > 0``, so a NaN weight still propagates (SPEC §5).
+    """
+    return torch.where(weight == 0, torch.zeros_like(value), weight * value)
 
 
 def _scaled_residual(log_partial: torch.Tensor, log_full: torch.Tensor, lam: float, clip: float) -> torch.Tensor:

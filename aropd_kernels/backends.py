@@ -43,12 +43,17 @@ def _triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def native_available() -> bool:
+def native_unavailable_reason() -> str | None:
+    """None when the native CPU kernel is built and loads, else why not."""
     try:
         native = importlib.import_module("aropd_kernels.native")
-    except ImportError:
-        return False
-    return native.available()
+    except ImportError as error:
+        return f"aropd_kernels.native cannot be imported ({error})"
+    return None if native.available() else native.unavailable_reason()
+
+
+def native_available() -> bool:
+    return native_unavailable_reason() is None
 
 
 def triton_available() -> bool:
@@ -86,8 +91,8 @@ def resolve(backend: str, device: torch.device, dtypes: tuple[torch.dtype, ...])
     if backend == "native":
         if device.type != "cpu":
             raise ValueError("backend='native' runs on CPU tensors only; use backend='auto' or 'triton' on CUDA.")
-        if not native_available():
-            reason = importlib.import_module("aropd_kernels.native").unavailable_reason()
+        reason = native_unavailable_reason()
+        if reason is not None:
             raise ValueError(f"backend='native' is not built: {reason}. Use backend='reference' or reinstall.")
         return "native"
     return "reference"

@@ -64,6 +64,7 @@ def triton_available() -> bool:
     return True
 
 
+@torch.compiler.assume_constant_result  # availability is fixed per process; keeps imports out of traces
 def resolve(backend: str, device: torch.device, dtypes: tuple[torch.dtype, ...]) -> str:
     """Name of the backend that will run, or ValueError saying why the requested one cannot."""
     if torch.float64 in dtypes:

@@ -43,6 +43,8 @@ def _triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Constant for torch.compile: dynamo cannot trace importlib, and backend="auto" asks these while tracing.
+@torch.compiler.assume_constant_result
 def native_available() -> bool:
     try:
         native = importlib.import_module("aropd_kernels.native")
@@ -51,6 +53,7 @@ def native_available() -> bool:
     return native.available()
 
 
+@torch.compiler.assume_constant_result
 def triton_available() -> bool:
     try:
         importlib.import_module("aropd_kernels.triton")

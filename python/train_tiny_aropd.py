@@ -261,15 +261,23 @@ def teacher_logits(teacher, tokenizer: CharTokenizer, prompts: list[str], comple
     return completion_logits(logits, prompt_lengths, completion.shape[1])
 
 
-def aropd_loss(student, teacher, tokenizer: CharTokenizer, rollouts: Rollouts, *, lam: float, clip: float,
-               beta: float, backend: str):
-    """(loss, diagnostics) of one AR-OPD step; the loss carries the gradient to the student."""
+def aligned_logits(student, teacher, tokenizer: CharTokenizer, rollouts: Rollouts):
+    """Student, partial-teacher and full-teacher logits ``[B, C, V]``, row ``j`` predicting completion token ``j``.
+
+    Only the student's logits carry autograd history; the teachers are scored under ``torch.no_grad``.
+    """
     completion = rollouts.completion
     partial = teacher_logits(teacher, tokenizer, [p.partial_prompt() for p in rollouts.problems], completion)
     full = teacher_logits(teacher, tokenizer, [p.full_prompt() for p in rollouts.problems], completion)
     student.train()
     logits = student(input_ids=rollouts.sequences).logits
-    student_completion = completion_logits(logits, rollouts.prompt_length, completion.shape[1])
+    return completion_logits(logits, rollouts.prompt_length, completion.shape[1]), partial, full
+
+
+def aropd_loss(student, teacher, tokenizer: CharTokenizer, rollouts: Rollouts, *, lam: float, clip: float,
+               beta: float, backend: str):
+    """(loss, diagnostics) of one AR-OPD step; the loss carries the gradient to the student."""
+    student_completion, partial, full = aligned_logits(student, teacher, tokenizer, rollouts)
     return anchored_residual_kl(
         student_completion, partial, full,
         lam=lam, clip=clip, beta=beta, mask=rollouts.loss_mask,

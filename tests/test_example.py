@@ -28,20 +28,20 @@ from test_properties import check_against_gold
 
 pytest.importorskip("transformers", reason="the example needs transformers: pip install -e '.[examples]'")
 
-EXAMPLE_PATH = Path(__file__).resolve().parents[1] / "python" / "train_tiny_aropd.py"
+EXAMPLES = Path(__file__).resolve().parents[1] / "python"
 LAM, CLIP, BETA = 1.0, 5.0, 0.0  # the example's defaults
 KERNEL_BACKENDS = [name for name in backends_under_test() if name != "reference" and device_for(name).type == "cpu"]
 
 
-def _load_example():
-    spec = importlib.util.spec_from_file_location("train_tiny_aropd", EXAMPLE_PATH)
+def _load_example(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
+    sys.modules[name] = module  # dataclasses look their module up there, and aropd_trainer imports it
     spec.loader.exec_module(module)
     return module
 
 
-example = _load_example()
+example = _load_example("train_tiny_aropd")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -127,6 +127,35 @@ def test_completion_logits_rejects_impossible_alignments(prompt_lengths, complet
         example.completion_logits(torch.zeros(3, 10, 5), prompt_lengths, completion_length)
 
 
+def test_left_padded_prompts_need_position_ids():
+    """Left-padded student prompts: the completion's logits match the unpadded row's when the positions
+    skip the padding (what generate does, and what AROPDTrainer passes). A model with absolute position
+    embeddings (GPT-2 here) shows why; rotary models (Llama) only see relative positions."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    tokenizer = example.CharTokenizer()
+    config = GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                        bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id)
+    model = GPT2LMHeadModel(config).eval()
+    prompt = [tokenizer.bos_id] + tokenizer.encode("47+38=")
+    completion = tokenizer.encode("7+8=15;4+3+1=8;>85")
+    padding = 3
+    padded = torch.tensor([[tokenizer.pad_id] * padding + prompt + completion])
+    attention_mask = (torch.arange(padded.shape[1]) >= padding).long()[None]
+    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        unpadded = model(input_ids=torch.tensor([prompt + completion])).logits
+        with_positions = model(input_ids=padded, attention_mask=attention_mask, position_ids=position_ids).logits
+        without_positions = model(input_ids=padded, attention_mask=attention_mask).logits
+    expected = example.completion_logits(unpadded, len(prompt), len(completion))
+    padded_prompt_length = padding + len(prompt)  # the shared prompt length of a left-padded batch
+    aligned = example.completion_logits(with_positions, padded_prompt_length, len(completion))
+    torch.testing.assert_close(aligned, expected, rtol=1e-5, atol=1e-5)
+    shifted = example.completion_logits(without_positions, padded_prompt_length, len(completion))
+    assert not torch.allclose(shifted, expected, rtol=1e-3, atol=1e-3)
+
+
 def test_loss_mask_skips_the_first_tokens_and_everything_after_eos():
     eos, pad = 2, 0
     completion = torch.tensor([[5, 6, 7, 8, 9, eos, pad, pad], [5, eos, pad, pad, pad, pad, pad, pad]])
@@ -141,6 +170,14 @@ def test_views_hold_the_privileged_context():
     assert problem.student_prompt() == "47+38="
     assert problem.partial_prompt() == "47+38[7+8=15;>85]="
     assert problem.full_prompt() == "47+38[7+8=15;4+3+1=8;>85]="
+
+
+def test_trainer_override_runs_with_finite_loss(tmp_path):
+    pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate: pip install -e '.[examples]'")
+    trainer_example = _load_example("aropd_trainer")
+    history = trainer_example.main(["--steps", "2", "--pretrain-steps", "10", "--output-dir", str(tmp_path)])
+    losses = [record["loss"] for record in history if "loss" in record]
+    assert len(losses) == 2 and all(math.isfinite(loss) for loss in losses)
 
 
 # --- backends on a real step of the loop -----------------------------------------------------------

@@ -42,7 +42,7 @@ class AROPDTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.teacher = teacher.eval().requires_grad_(False)  # the EMA copy that EMATeacher updates
         self.pad_token_id, self.eos_token_id = pad_token_id, eos_token_id
-        self.aropd = dict(lam=lam, clip=clip, beta=beta, backend=backend)
+        self.aropd = {"lam": lam, "clip": clip, "beta": beta, "backend": backend}
         self.max_new_tokens = max_new_tokens
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

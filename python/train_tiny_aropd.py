@@ -70,6 +70,8 @@ class CharTokenizer:
 
 @dataclass(frozen=True)
 class Problem:
+    """a + b with two-digit operands (the column steps below pair the digits one to one)."""
+
     a: int
     b: int
 

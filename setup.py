@@ -23,6 +23,6 @@ setup(
     extras_require={
         "test": ["pytest>=8", "hypothesis>=6.100"],
         "bench": ["matplotlib>=3.7", "tqdm>=4.60"],
-        "examples": ["transformers>=4.50"],
+        "examples": ["transformers>=4.50", "accelerate>=1.0"],  # tested: 5.24.0, 1.15.0 (Trainer needs accelerate)
     },
 )

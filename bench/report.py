@@ -121,6 +121,7 @@ def plot(rows: list[dict], modes: tuple[str, ...], out_dir: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
     models = list(dict.fromkeys(r["model"] for r in rows))
     providers = list(dict.fromkeys(r["provider"] for r in rows))
@@ -140,8 +141,13 @@ def plot(rows: list[dict], modes: tuple[str, ...], out_dir: Path) -> list[Path]:
                     n, median, p20, p80 = (np.array(column, dtype=float) for column in zip(*points))
                     errors = None if metric != "time_ms" else [median - p20, p80 - median]
                     ax.errorbar(n, median, yerr=errors, marker="o", capsize=3, label=provider)
-                ax.set(xscale="log", yscale="log", xlabel="tokens N", ylabel=label, title=f"{model}, {mode}")
-                ax.grid(True, which="both", alpha=0.3)
+                ax.set_xscale("log", base=2)
+                ax.set_yscale("log")
+                ax.set(xlabel="tokens N", ylabel=label, title=f"{model}, {mode}")
+                token_counts = sorted({r["n_tokens"] for r in rows if r["model"] == model})
+                ax.set_xticks(token_counts, [str(n) for n in token_counts])
+                ax.xaxis.set_minor_locator(NullLocator())
+                ax.grid(True, alpha=0.3)
                 if ax.has_data():
                     ax.legend(fontsize="small")
         figure.tight_layout()

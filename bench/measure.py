@@ -159,18 +159,12 @@ def _measure_modes(job: Job) -> dict[str, Outcome]:
     step = PROVIDERS[job.provider].make(job.settings)
     calls = {mode: functools.partial(step, *inputs, mode != "forward") for mode in job.modes}
 
-    def synchronized(call):
-        def run():
-            outputs = call()
-            _synchronize(device)
-            return outputs
-        return run
-
     outcomes = {}
     for mode, call in calls.items():
         try:
             for _ in range(job.plan.warmup):
-                synchronized(call)()
+                call()
+                _synchronize(device)
             if device.type == "cuda":
                 times = _time_cuda(call, job.plan, device)
             else:
@@ -188,7 +182,7 @@ def _measure_modes(job: Job) -> dict[str, Outcome]:
             if device.type == "cuda":
                 outcomes[mode].peak_bytes = _cuda_peak_growth(call, device)
             else:
-                outcomes[mode].peak_bytes = _cpu_peak_growth(synchronized(call))
+                outcomes[mode].peak_bytes = _cpu_peak_growth(call)
         except Exception as error:
             outcomes[mode] = _failure(error)
     return outcomes

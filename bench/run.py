@@ -39,7 +39,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         epilog=textwrap.dedent(f"""\
             defaults by device:
               cuda      every model × N in {list(cuda_tokens)}; {cuda_plan.warmup} warm-up and {cuda_plan.repeats} timed calls
-              cpu       every model × N in {list(cpu_tokens)} (a few minutes on 2 cores); {cpu_plan.warmup} warm-up,
+              cpu       every model × N in {list(cpu_tokens)} (6-7 minutes on 2 busy cores); {cpu_plan.warmup} warm-up,
                         then up to {cpu_plan.repeats} timed calls or {cpu_plan.budget_s:.0f} s (at least {measure.MIN_REPEATS})
               --quick   {', '.join(shapes.QUICK_MODELS)} × N in {list(shapes.QUICK_TOKENS)}, timing as above (CPU: under 3 minutes on 2 cores)
             models: {', '.join(f'{name} (V={vocab})' for name, vocab in shapes.MODEL_VOCAB.items())}

@@ -143,7 +143,8 @@ def _cuda_peak_growth(call, device: torch.device) -> int:
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)) or "can't allocate memory" in str(error)
+    """CUDA's OutOfMemoryError, or the RuntimeError of torch's CPU allocator ("DefaultCPUAllocator: ...")."""
+    return isinstance(error, (torch.cuda.OutOfMemoryError, MemoryError)) or "DefaultCPUAllocator" in str(error)
 
 
 def _failure(error: BaseException) -> Outcome:
@@ -206,7 +207,7 @@ def copy_bandwidth_bytes_per_s(device_name: str) -> float:
     plan = TimingPlan(warmup=2, repeats=10, budget_s=2.0)
     for _ in range(plan.warmup):
         target.copy_(source)
-    call = lambda: target.copy_(source)  # noqa: E731
+    call = functools.partial(target.copy_, source)
     times = _time_cuda(call, plan, device) if device.type == "cuda" else _time_cpu(call, plan)
     return 2 * n_bytes / float(np.median(times))
 

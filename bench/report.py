@@ -130,15 +130,15 @@ def plot(rows: list[dict], modes: tuple[str, ...], out_dir: Path) -> list[Path]:
                                     ("peak_memory_mib", "peak memory above inputs (MiB)", "memory.png")):
         figure, axes = plt.subplots(len(modes), len(models), figsize=(4.2 * len(models), 3.4 * len(modes)),
                                     squeeze=False)
-        for row_axes, mode in zip(axes, modes):
-            for ax, model in zip(row_axes, models):
+        for row_axes, mode in zip(axes, modes, strict=True):
+            for ax, model in zip(row_axes, models, strict=True):
                 for provider in providers:
                     points = sorted((r["n_tokens"], r["median"], r["p20"], r["p80"]) for r in rows
-                                    if (r["mode"], r["model"], r["provider"], r["metric"]) == (mode, model, provider, metric)
-                                    and r["status"] == "ok")
+                                    if r["status"] == "ok" and r["metric"] == metric
+                                    and (r["mode"], r["model"], r["provider"]) == (mode, model, provider))
                     if not points:
                         continue
-                    n, median, p20, p80 = (np.array(column, dtype=float) for column in zip(*points))
+                    n, median, p20, p80 = (np.array(column, dtype=float) for column in zip(*points, strict=True))
                     errors = None if metric != "time_ms" else [median - p20, p80 - median]
                     ax.errorbar(n, median, yerr=errors, marker="o", capsize=3, label=provider)
                 ax.set_xscale("log", base=2)

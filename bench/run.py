@@ -12,7 +12,6 @@ import datetime
 import importlib.metadata
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -30,23 +29,30 @@ DEFAULTS = {  # device type -> (models, tokens, timing plan); --quick swaps in s
 }
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    cuda_models, cuda_tokens, cuda_plan = DEFAULTS["cuda"]
+def _defaults_help() -> str:
+    _, cuda_tokens, cuda_plan = DEFAULTS["cuda"]
     _, cpu_tokens, cpu_plan = DEFAULTS["cpu"]
+    lines = [
+        "defaults by device:",
+        f"  cuda     every model × N in {list(cuda_tokens)}; {cuda_plan.warmup} warm-up and "
+        f"{cuda_plan.repeats} timed calls",
+        f"  cpu      every model × N in {list(cpu_tokens)} (6-7 minutes on 2 busy cores); {cpu_plan.warmup} warm-up,",
+        f"           then up to {cpu_plan.repeats} timed calls or {cpu_plan.budget_s:.0f} s "
+        f"(at least {measure.MIN_REPEATS})",
+        f"  --quick  {', '.join(shapes.QUICK_MODELS)} × N in {list(shapes.QUICK_TOKENS)}, timed as above "
+        "(CPU: under 3 minutes on 2 cores)",
+        "models: " + ", ".join(f"{name} (V={vocab})" for name, vocab in shapes.MODEL_VOCAB.items()),
+        "providers:",
+        *(f"  {name:<9}{provider.description}" for name, provider in PROVIDERS.items()),
+        "The loss: the public API's defaults, reverse KL (--beta 1), lam=1, clip=5, temperature=1, batch mean.",
+        "Memory is the peak above the inputs (the gradient included).",
+    ]
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=textwrap.dedent(f"""\
-            defaults by device:
-              cuda      every model × N in {list(cuda_tokens)}; {cuda_plan.warmup} warm-up and {cuda_plan.repeats} timed calls
-              cpu       every model × N in {list(cpu_tokens)} (6-7 minutes on 2 busy cores); {cpu_plan.warmup} warm-up,
-                        then up to {cpu_plan.repeats} timed calls or {cpu_plan.budget_s:.0f} s (at least {measure.MIN_REPEATS})
-              --quick   {', '.join(shapes.QUICK_MODELS)} × N in {list(shapes.QUICK_TOKENS)}, timing as above (CPU: under 3 minutes on 2 cores)
-            models: {', '.join(f'{name} (V={vocab})' for name, vocab in shapes.MODEL_VOCAB.items())}
-            providers: {'; '.join(f'{name}: {p.description}' for name, p in PROVIDERS.items())}
-            The loss is the public API's default: reverse KL (beta=1), lam=1, clip=5, temperature=1,
-            batch mean. Memory is the peak above the inputs (their gradient included).
-            """))
+        description=__doc__, epilog=_defaults_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where to run; auto: cuda when available, else cpu (default: auto)")
     parser.add_argument("--providers", nargs="+", choices=tuple(PROVIDERS), default=list(PROVIDERS), metavar="NAME",

@@ -22,7 +22,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from aropd_kernels import anchored_residual_kl, backends  # noqa: E402
 from bench import measure, report  # noqa: E402
-from bench.providers import PROVIDERS, LossSettings, eager_loss, make_chunked  # noqa: E402
+from bench.providers import PROVIDERS, LossSettings, eager_loss, make_chunked, package_provider  # noqa: E402
 from bench.shapes import Shape  # noqa: E402
 
 
@@ -82,6 +82,34 @@ def test_metric_rows_order_quantiles_and_keep_failures():
                for m in report.METRICS)
 
 
+def test_package_providers_are_thin_calls_of_the_public_api():
+    make, why_unavailable = package_provider("reference")  # the path that triton and native take
+    assert why_unavailable(torch.device("cpu"), torch.bfloat16) is None
+    student, partial, full = (_logits(5, 77, seed) for seed in range(3))
+    student.requires_grad_()
+    settings = LossSettings(beta=0.0, clip=2.0)
+    loss, grad = make(settings)(student, partial, full, True)
+    eager_value, eager_grad = PROVIDERS["eager"].make(settings)(student, partial, full, True)
+    (forward_only,) = make(settings)(student, partial, full, False)
+    torch.testing.assert_close(loss, eager_value)
+    torch.testing.assert_close(forward_only, eager_value)
+    torch.testing.assert_close(grad, eager_grad)
+
+
+def test_unavailable_backends_say_why():
+    cpu = torch.device("cpu")
+    assert "CUDA" in PROVIDERS["triton"].why_unavailable(cpu, torch.bfloat16)
+    reason = PROVIDERS["native"].why_unavailable(cpu, torch.bfloat16)
+    assert (reason is None) == backends.native_available() and reason != ""
+
+
+def test_a_failed_allocation_is_reported_as_out_of_memory():
+    with pytest.raises(RuntimeError) as failure:
+        torch.empty(2**62, dtype=torch.uint8)
+    assert measure._failure(failure.value).status == "out of memory"
+    assert measure._failure(ValueError("bad shape")) == measure.Outcome("error", detail="ValueError: bad shape")
+
+
 def _exit_without_result(connection, code):
     os._exit(code)
 
@@ -102,7 +130,7 @@ def test_cli_smoke_writes_csv_and_plots_and_reports_unavailable_providers(tmp_pa
     command = [sys.executable, str(REPO_ROOT / "bench" / "run.py"), "--device", "cpu", "--vocab", "1000",
                "--tokens", "4", "--providers", *providers, "--repeats", "2", "--no-progress",
                "--out", str(tmp_path)]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    completed = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stderr
 
     with open(tmp_path / "results.csv", newline="") as handle:

@@ -2,19 +2,20 @@
 
 Each (provider, shape) runs in a fresh spawned process, so that resident-memory growth on CPU is the
 provider's own, a crash or an out-of-memory kill ends only that measurement, and compilation caches
-or CUDA state do not leak from one provider into the next. The child times every mode first, then
-measures peak memory, since the allocator setting that makes memory visible (below) slows allocation.
+or CUDA state do not leak from one provider into the next. For each mode the child warms up, times,
+then measures peak memory.
 """
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import gc
 import multiprocessing
+import os
 import time
 import traceback
 from dataclasses import dataclass, field
+from unittest import mock
 
 import numpy as np
 import torch
@@ -23,6 +24,11 @@ from bench.providers import PROVIDERS, LossSettings
 from bench.shapes import Shape
 
 MODES = ("forward", "forward+backward")
+# glibc maps an allocation afresh (and unmaps it on free) only above a threshold that grows with use
+# up to 32 MiB; below it, freed heap memory stays resident and its reuse never shows as growth.
+# Fixing the threshold at process start makes every buffer above 128 KiB its own mapping, as all
+# buffers of realistic shapes (N×V float32 > 32 MiB) are anyway, so small shapes measure like large.
+CHILD_ENVIRONMENT = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
 FLUSH_BYTES = 256 * 2**20  # larger than any GPU's L2, so every timed call starts from DRAM
 
 
@@ -105,21 +111,9 @@ def _proc_status_bytes(key: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {key}; CPU peak memory needs Linux.")
 
 
-def _make_freed_memory_visible() -> None:
-    """Have glibc map every large allocation afresh and unmap it on free, and return freed heap pages.
-
-    Otherwise a block freed during warm-up stays resident and its reuse never shows as growth.
-    """
-    libc = ctypes.CDLL("libc.so.6")
-    m_mmap_threshold = -3
-    libc.mallopt(m_mmap_threshold, 128 * 1024)
-    libc.malloc_trim(0)
-
-
 def _cpu_peak_growth(call) -> int:
     """Resident-memory high-water mark during ``call`` minus resident memory before it (Linux)."""
     gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")  # resets VmHWM to the current resident size
     before = _proc_status_bytes("VmRSS")
@@ -167,25 +161,12 @@ def _measure_modes(job: Job) -> dict[str, Outcome]:
                 call()
                 _synchronize(device)
             if device.type == "cuda":
-                times = _time_cuda(call, job.plan, device)
+                outcomes[mode] = Outcome("ok", _time_cuda(call, job.plan, device), _cuda_peak_growth(call, device))
             else:
-                times = _time_cpu(call, job.plan)
-            outcomes[mode] = Outcome("ok", times_s=times)
+                outcomes[mode] = Outcome("ok", _time_cpu(call, job.plan), _cpu_peak_growth(call))
         except Exception as error:  # an unavailable kernel or an OOM is a result, not a crash of the sweep
             outcomes[mode] = _failure(error)
         gc.collect()
-    if device.type == "cpu":
-        _make_freed_memory_visible()
-    for mode, call in calls.items():
-        if outcomes[mode].status != "ok":
-            continue
-        try:
-            if device.type == "cuda":
-                outcomes[mode].peak_bytes = _cuda_peak_growth(call, device)
-            else:
-                outcomes[mode].peak_bytes = _cpu_peak_growth(call)
-        except Exception as error:
-            outcomes[mode] = _failure(error)
     return outcomes
 
 
@@ -240,7 +221,8 @@ def _run_in_child(target, args, timeout_s: float):
     context = multiprocessing.get_context("spawn")
     receiver, sender = context.Pipe(duplex=False)
     process = context.Process(target=target, args=(sender, *args))
-    process.start()
+    with mock.patch.dict(os.environ, CHILD_ENVIRONMENT):  # the spawned interpreter inherits it at start
+        process.start()
     sender.close()  # so that a child that dies closes the pipe and poll() wakes up
     try:
         if not receiver.poll(timeout_s):

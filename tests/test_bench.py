@@ -110,6 +110,19 @@ def test_a_failed_allocation_is_reported_as_out_of_memory():
     assert measure._failure(ValueError("bad shape")) == measure.Outcome("error", detail="ValueError: bad shape")
 
 
+def _growth_of_a_reallocated_buffer(connection, n_floats):
+    for _ in range(2):  # by default glibc serves the second from its heap and keeps it resident once freed
+        torch.ones(n_floats)
+    connection.send(measure._cpu_peak_growth(lambda: torch.ones(n_floats)))
+
+
+def test_cpu_peak_growth_sees_a_buffer_that_reuses_freed_memory():
+    n_floats = 4 * 2**20  # 16 MiB, under glibc's 32 MiB ceiling for its adaptive mmap threshold
+    growth, status, detail = measure._run_in_child(_growth_of_a_reallocated_buffer, (n_floats,), timeout_s=120)
+    assert status == "ok", detail
+    assert abs(growth - 4 * n_floats) < 2**20
+
+
 def _exit_without_result(connection, code):
     os._exit(code)
 

@@ -36,7 +36,7 @@ def _defaults_help() -> str:
         "defaults by device:",
         f"  cuda     every model × N in {list(cuda_tokens)}; {cuda_plan.warmup} warm-up and "
         f"{cuda_plan.repeats} timed calls",
-        f"  cpu      every model × N in {list(cpu_tokens)} (6-7 minutes on 2 busy cores); {cpu_plan.warmup} warm-up,",
+        f"  cpu      every model × N in {list(cpu_tokens)} (5-7 minutes on 2 busy cores); {cpu_plan.warmup} warm-up,",
         f"           then up to {cpu_plan.repeats} timed calls or {cpu_plan.budget_s:.0f} s "
         f"(at least {measure.MIN_REPEATS})",
         f"  --quick  {', '.join(shapes.QUICK_MODELS)} × N in {list(shapes.QUICK_TOKENS)}, timed as above "

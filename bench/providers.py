@@ -1,0 +1,161 @@
+"""What the benchmark compares: ways to compute the AR-OPD loss (and the student gradient).
+
+A provider is a name, a ``make(settings)`` returning a ``step`` and a ``why_unavailable(device,
+dtype)`` that returns None when it can run. ``step(student, partial, full, backward)`` computes the
+batch-mean loss, and with ``backward`` also the student gradient; it returns every tensor it made so
+that the caller can hold them while memory is measured. ``student`` requires grad; ``backward=False``
+runs under ``torch.no_grad()`` (a loss evaluated for logging).
+
+Adding a provider is a function that builds a step and one line in ``PROVIDERS``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+
+from aropd_kernels import anchored_residual_kl, backends
+
+
+@dataclass(frozen=True)
+class LossSettings:
+    """The loss's hyper-parameters, the public API's defaults unless the command line says otherwise."""
+
+    lam: float = 1.0
+    clip: float = 5.0
+    beta: float = 1.0
+    temperature: float = 1.0
+    chunk_rows: int | None = None  # rows per block for the chunked provider; None: by vocabulary size
+
+
+Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], tuple]
+
+
+def eager_loss(student, partial, full, settings: LossSettings, reduce: str = "mean") -> torch.Tensor:
+    """The AR-OPD loss as a trainer author writes it in torch: float32 log-softmaxes, then the divergence.
+
+    Written independently of aropd_kernels.reference on purpose: this is the user's baseline, the
+    reference is the package's spec. Finite logits assumed, as in a typical training loop.
+    """
+    inv_t = 1.0 / settings.temperature
+    log_student = torch.log_softmax(student.float() * inv_t, dim=-1)
+    log_partial = torch.log_softmax(partial.float() * inv_t, dim=-1)
+    log_full = torch.log_softmax(full.float() * inv_t, dim=-1)
+    residual = (log_full - log_partial).clamp(-settings.clip, settings.clip)
+    log_target = torch.log_softmax(log_partial + settings.lam * residual, dim=-1)
+    beta = settings.beta
+    if beta == 1.0:
+        per_token = (log_student.exp() * (log_student - log_target)).sum(-1)
+    elif beta == 0.0:
+        per_token = (log_target.exp() * (log_target - log_student)).sum(-1)
+    else:
+        log_mixture = torch.logaddexp(log_target + math.log(beta), log_student + math.log1p(-beta))
+        per_token = (beta * (log_target.exp() * (log_target - log_mixture)).sum(-1)
+                     + (1 - beta) * (log_student.exp() * (log_student - log_mixture)).sum(-1))
+    return per_token.mean() if reduce == "mean" else per_token.sum()
+
+
+def autograd_step(loss_fn: Callable[..., torch.Tensor]) -> Step:
+    """A step that calls ``loss_fn(student, partial, full)`` and, for backward, ``torch.autograd.grad``."""
+
+    def step(student, partial, full, backward):
+        if not backward:
+            with torch.no_grad():
+                return (loss_fn(student, partial, full),)
+        loss = loss_fn(student, partial, full)
+        (grad,) = torch.autograd.grad(loss, student)
+        return loss, grad
+
+    return step
+
+
+def make_eager(settings: LossSettings) -> Step:
+    return autograd_step(lambda s, a, f: eager_loss(s, a, f, settings))
+
+
+def make_compiled(settings: LossSettings) -> Step:
+    """torch.compile of the eager loss, with the token count N dynamic and the vocabulary static.
+
+    That is where torch.compile's automatic dynamic shapes settle in training, once a second batch
+    brings a different N; it also lets one compilation (cached on disk) serve every N of a vocabulary.
+    """
+    step = autograd_step(torch.compile(lambda s, a, f: eager_loss(s, a, f, settings)))
+
+    def compiled_step(student, partial, full, backward):
+        for logits in (student, partial, full):
+            torch._dynamo.maybe_mark_dynamic(logits, 0)
+        return step(student, partial, full, backward)
+
+    return compiled_step
+
+
+def chunk_rows(settings: LossSettings, vocab: int) -> int:
+    """Rows per block: the user's choice, else the largest power of two keeping a block within 2^24
+    elements (64 MiB per float32 intermediate), as a trainer would size it."""
+    if settings.chunk_rows:
+        return settings.chunk_rows
+    return 2 ** max(0, (2**24 // vocab).bit_length() - 1)
+
+
+def make_chunked(settings: LossSettings) -> Step:
+    """The usual memory workaround: the eager loss over blocks of rows, each block's graph freed at once."""
+
+    def step(student, partial, full, backward):
+        n_tokens, vocab = student.shape
+        rows = chunk_rows(settings, vocab)
+        blocks = [slice(start, start + rows) for start in range(0, n_tokens, rows)]
+        if not backward:
+            with torch.no_grad():
+                return (sum(eager_loss(student[b], partial[b], full[b], settings, "sum") for b in blocks) / n_tokens,)
+        grad = torch.empty_like(student)
+        loss = student.new_zeros((), dtype=torch.float32)
+        for block in blocks:
+            student_block = student[block].detach().requires_grad_()
+            block_loss = eager_loss(student_block, partial[block], full[block], settings, "sum") / n_tokens
+            grad[block] = torch.autograd.grad(block_loss, student_block)[0]
+            loss += block_loss.detach()
+        return loss, grad
+
+    return step
+
+
+def package_provider(backend: str) -> tuple[Callable[[LossSettings], Step], Callable]:
+    """``make`` and ``why_unavailable`` for aropd_kernels.anchored_residual_kl(backend=backend)."""
+
+    def make(settings: LossSettings) -> Step:
+        return autograd_step(lambda s, a, f: anchored_residual_kl(
+            s, a, f, lam=settings.lam, clip=settings.clip, beta=settings.beta,
+            temperature=settings.temperature, reduction="batchmean", backend=backend))
+
+    def why_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
+        if backend == "triton" and device.type != "cuda":
+            return "the Triton backend runs on CUDA devices (its CPU interpreter is for tests, not timing)"
+        try:
+            backends.resolve(backend, device, (dtype,) * 3)
+        except (ValueError, ImportError) as refusal:  # ImportError: the backend's module is not in this install
+            return str(refusal)
+        return None
+
+    return make, why_unavailable
+
+
+def always_available(device: torch.device, dtype: torch.dtype) -> str | None:
+    return None
+
+
+class Provider(NamedTuple):
+    make: Callable[[LossSettings], Step]
+    why_unavailable: Callable[[torch.device, torch.dtype], str | None]
+    description: str
+
+
+PROVIDERS = {
+    "eager": Provider(make_eager, always_available, "float32 torch, as a trainer writes it"),
+    "compiled": Provider(make_compiled, always_available, "torch.compile of the eager code"),
+    "chunked": Provider(make_chunked, always_available, "the eager code over blocks of rows"),
+    "triton": Provider(*package_provider("triton"), "aropd_kernels, backend='triton' (CUDA)"),
+    "native": Provider(*package_provider("native"), "aropd_kernels, backend='native' (CPU)"),
+}

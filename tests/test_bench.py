@@ -1,0 +1,173 @@
+"""The benchmark CLI (bench/run.py): its baselines compute the loss, and a tiny sweep writes its outputs.
+
+The smoke runs the real CLI in a subprocess on a tiny vocabulary, so it also covers the child
+processes, the CSV and the plots; it asserts no timings (the machine is shared).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))  # bench/ is not an installed package
+
+from aropd_kernels import anchored_residual_kl, backends  # noqa: E402
+from bench import measure, report  # noqa: E402
+from bench.providers import PROVIDERS, LossSettings, eager_loss, make_chunked, package_provider  # noqa: E402
+from bench.shapes import Shape  # noqa: E402
+
+
+def _logits(n_tokens: int, vocab: int, seed: int) -> torch.Tensor:
+    return torch.randn(n_tokens, vocab, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.0, 0.3])
+def test_eager_baseline_matches_the_float64_reference(beta):
+    student, partial, full = (_logits(7, 301, seed) for seed in range(3))
+    settings = LossSettings(lam=0.7, clip=1.5, beta=beta, temperature=1.3)
+    student64 = student.double().requires_grad_()
+    expected = anchored_residual_kl(student64, partial.double(), full.double(), lam=0.7, clip=1.5, beta=beta,
+                                    temperature=1.3, backend="reference")
+    (expected_grad,) = torch.autograd.grad(expected, student64)
+
+    student32 = student.clone().requires_grad_()
+    loss = eager_loss(student32, partial, full, settings)
+    (grad,) = torch.autograd.grad(loss, student32)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), expected_grad, rtol=1e-4, atol=1e-7)
+
+
+def test_chunked_baseline_equals_eager_over_uneven_blocks():
+    student, partial, full = (_logits(7, 301, seed) for seed in range(3))
+    student.requires_grad_()
+    settings = LossSettings(chunk_rows=3)  # blocks of 3, 3 and 1 rows
+    eager_value, eager_grad = PROVIDERS["eager"].make(settings)(student, partial, full, True)
+    chunked_value, chunked_grad = make_chunked(settings)(student, partial, full, True)
+    (forward_only,) = make_chunked(settings)(student, partial, full, False)
+    torch.testing.assert_close(chunked_value, eager_value)
+    torch.testing.assert_close(forward_only, eager_value)
+    torch.testing.assert_close(chunked_grad, eager_grad)
+
+
+def test_bytes_moved_is_the_8_bytes_per_element_floor_for_bfloat16():
+    shape = Shape("m", n_tokens=3, vocab=5)
+    assert report.bytes_moved(shape, torch.bfloat16, "forward+backward") == 15 * 8
+    assert report.bytes_moved(shape, torch.bfloat16, "forward") == 15 * 6
+    assert report.bytes_moved(shape, torch.float32, "forward+backward") == 15 * 16
+
+
+def test_metric_rows_order_quantiles_and_keep_failures():
+    shape = Shape("m", 4, 1000)
+    measurements = [
+        report.Measurement("eager", shape, "forward", measure.Outcome("ok", [0.004, 0.002, 0.003], 1000)),
+        report.Measurement("compiled", shape, "forward", measure.Outcome("ok", [0.001, 0.002, 0.0015], 10)),
+        report.Measurement("native", shape, "forward", measure.Outcome("unavailable", detail="not built")),
+    ]
+    rows = {(r["provider"], r["metric"]): r for r in report.metric_rows(measurements, "bfloat16", 1e9)}
+    for metric in ("time_ms", "bandwidth_gbps", "floor_fraction"):
+        row = rows[("compiled", metric)]
+        assert row["p20"] <= row["median"] <= row["p80"], metric
+    assert rows[("compiled", "speedup_vs_eager")]["median"] == pytest.approx(0.003 / 0.0015)
+    assert rows[("compiled", "floor_fraction")]["median"] == pytest.approx(4 * 1000 * 6 / 1e9 / 0.0015)
+    assert all(rows[("native", m)]["status"] == "unavailable" and rows[("native", m)]["median"] is None
+               for m in report.METRICS)
+
+
+def test_package_providers_are_thin_calls_of_the_public_api():
+    make, why_unavailable = package_provider("reference")  # the path that triton and native take
+    assert why_unavailable(torch.device("cpu"), torch.bfloat16) is None
+    student, partial, full = (_logits(5, 77, seed) for seed in range(3))
+    student.requires_grad_()
+    settings = LossSettings(beta=0.0, clip=2.0)
+    loss, grad = make(settings)(student, partial, full, True)
+    eager_value, eager_grad = PROVIDERS["eager"].make(settings)(student, partial, full, True)
+    (forward_only,) = make(settings)(student, partial, full, False)
+    torch.testing.assert_close(loss, eager_value)
+    torch.testing.assert_close(forward_only, eager_value)
+    torch.testing.assert_close(grad, eager_grad)
+
+
+def test_unavailable_backends_say_why():
+    cpu = torch.device("cpu")
+    assert "CUDA" in PROVIDERS["triton"].why_unavailable(cpu, torch.bfloat16)
+    reason = PROVIDERS["native"].why_unavailable(cpu, torch.bfloat16)
+    assert (reason is None) == backends.native_available() and reason != ""
+
+
+def test_a_failed_allocation_is_reported_as_out_of_memory():
+    with pytest.raises(RuntimeError) as failure:
+        torch.empty(2**62, dtype=torch.uint8)
+    assert measure._failure(failure.value).status == "out of memory"
+    assert measure._failure(ValueError("bad shape")) == measure.Outcome("error", detail="ValueError: bad shape")
+
+
+def _growth_of_a_reallocated_buffer(connection, n_floats):
+    for _ in range(2):  # by default glibc serves the second from its heap and keeps it resident once freed
+        torch.ones(n_floats)
+    connection.send(measure._cpu_peak_growth(lambda: torch.ones(n_floats)))
+
+
+def test_cpu_peak_growth_sees_a_buffer_that_reuses_freed_memory():
+    n_floats = 4 * 2**20  # 16 MiB, under glibc's 32 MiB ceiling for its adaptive mmap threshold
+    growth, status, detail = measure._run_in_child(_growth_of_a_reallocated_buffer, (n_floats,), timeout_s=120)
+    assert status == "ok", detail
+    assert abs(growth - 4 * n_floats) < 2**20
+
+
+def _exit_without_result(connection, code):
+    os._exit(code)
+
+
+def _hang(connection):
+    time.sleep(60)
+
+
+def test_a_child_that_dies_or_hangs_is_reported_not_raised():
+    result, status, detail = measure._run_in_child(_exit_without_result, (3,), timeout_s=60)
+    assert (result, status) == (None, "crashed") and "code 3" in detail
+    result, status, _ = measure._run_in_child(_hang, (), timeout_s=1)
+    assert (result, status) == (None, "timeout")
+
+
+def test_cli_smoke_writes_csv_and_plots_and_reports_unavailable_providers(tmp_path):
+    providers = ["eager", "chunked", "native", "triton"]
+    command = [sys.executable, str(REPO_ROOT / "bench" / "run.py"), "--device", "cpu", "--vocab", "1000",
+               "--tokens", "4", "--providers", *providers, "--repeats", "2", "--no-progress",
+               "--out", str(tmp_path)]
+    completed = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+
+    with open(tmp_path / "results.csv", newline="") as handle:
+        reader = csv.DictReader(handle)
+        assert tuple(reader.fieldnames) == report.COLUMNS
+        rows = list(reader)
+    assert len(rows) == len(providers) * len(measure.MODES) * len(report.METRICS)
+    by_key = {(r["provider"], r["n_tokens"], r["mode"], r["metric"]): r for r in rows}
+    for mode in measure.MODES:
+        for provider in ("eager", "chunked"):
+            time_ms = by_key[(provider, "4", mode, "time_ms")]
+            assert time_ms["status"] == "ok", time_ms["detail"]
+            assert 0 < float(time_ms["p20"]) <= float(time_ms["median"]) <= float(time_ms["p80"])
+            assert float(by_key[(provider, "4", mode, "peak_memory_mib")]["median"]) >= 0
+        assert float(by_key[("eager", "4", mode, "speedup_vs_eager")]["median"]) == 1.0
+        triton = by_key[("triton", "4", mode, "time_ms")]
+        assert triton["status"] == "unavailable" and triton["detail"] and not triton["median"]
+        native = by_key[("native", "4", mode, "time_ms")]
+        assert native["status"] == ("ok" if backends.native_available() else "unavailable"), native["detail"]
+    assert {r["device"] for r in rows} != {""} and {r["torch_version"] for r in rows} == {torch.__version__}
+    assert "unavailable [" in completed.stdout
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "no plots" in completed.stderr
+    else:
+        assert (tmp_path / "time.png").stat().st_size > 0 and (tmp_path / "memory.png").stat().st_size > 0

@@ -56,12 +56,17 @@ def native_available() -> bool:
     return native_unavailable_reason() is None
 
 
-def triton_available() -> bool:
+def triton_unavailable_reason() -> str | None:
+    """None when the Triton backend imports, else why not (triton missing, or too old)."""
     try:
         importlib.import_module("aropd_kernels.triton")
-    except ImportError:
-        return False
-    return True
+    except ImportError as error:
+        return f"aropd_kernels.triton cannot be imported ({error}); install triton >= 3.9 on Linux"
+    return None
+
+
+def triton_available() -> bool:
+    return triton_unavailable_reason() is None
 
 
 @torch.compiler.assume_constant_result  # availability is fixed per process; keeps imports out of traces
@@ -81,8 +86,9 @@ def resolve(backend: str, device: torch.device, dtypes: tuple[torch.dtype, ...])
             return "native"
         return "reference"
     if backend == "triton":
-        if not triton_available():
-            raise ValueError("backend='triton' needs the triton package: pip install triton (Linux).")
+        reason = triton_unavailable_reason()
+        if reason is not None:
+            raise ValueError(f"backend='triton' is unavailable: {reason}.")
         if device.type != "cuda" and not _triton_interpreter_enabled():
             raise ValueError(
                 "backend='triton' needs CUDA tensors; move the logits to a GPU, use backend='auto', "

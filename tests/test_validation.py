@@ -73,7 +73,7 @@ def test_bad_input_raises_before_any_kernel(build, kwargs, error, fragment):
 
 def test_triton_on_cpu_without_the_interpreter_names_the_fix(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    monkeypatch.setattr(backends, "triton_available", lambda: True)
+    monkeypatch.setattr(backends, "triton_unavailable_reason", lambda: None)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
         anchored_residual_kl(*_inputs(), backend="triton")
 

@@ -22,7 +22,7 @@ from .tl_utils import (
     NEG_INF,
     lane_weights,
     log2_probs,
-    logaddexp2,
+    log2_1p,
     online_logsumexp_update,
     online_weighted_update,
     target_logit,
@@ -144,9 +144,23 @@ def _student_and_target(rows, normalizers, target_normalizer, cols, mask, scale,
 
 
 @triton.jit
-def _log_mixture(log_student, log_target, beta):
-    """log2 m with m = beta q + (1 - beta) p, formed in log space (never in probability space)."""
-    return logaddexp2(tl.log2(beta) + log_target, tl.log2(1.0 - beta) + log_student)
+def _mixture_gaps(log_student, log_target, beta):
+    """(ls - lm, lq - lm) in base 2 for m = beta q + (1 - beta) p, formed in log space.
+
+    Written around the larger of the two mixture terms, so that the gap of the dominant side is a
+    constant minus a log1p and never the difference of two nearly equal logs.
+    """
+    log_student_weight = tl.log2(1.0 - beta)
+    log_target_weight = tl.log2(beta)
+    student_over_target = log_student - log_target
+    dominance = student_over_target + (log_student_weight - log_target_weight)
+    correction = log2_1p(tl.exp2(-tl.abs(dominance)))
+    student_dominates = dominance >= 0.0
+    student_gap = tl.where(student_dominates, -log_student_weight,
+                           student_over_target - log_target_weight) - correction
+    target_gap = tl.where(student_dominates, -log_student_weight - student_over_target,
+                          -log_target_weight) - correction
+    return student_gap, target_gap
 
 
 @triton.jit
@@ -158,9 +172,9 @@ def _jsd_sweep(rows, normalizers, target_normalizer, vocab, scale, lam, clip, be
         cols = start + tl.arange(0, BLOCK_V)
         log_student, log_target = _student_and_target(rows, normalizers, target_normalizer, cols, cols < vocab,
                                                       scale, lam, clip, "evict_last")
-        log_mixture = _log_mixture(log_student, log_target, beta)
-        kl_target_mixture += weighted_term(tl.exp2(log_target), log_target - log_mixture)
-        kl_student_mixture += weighted_term(tl.exp2(log_student), log_student - log_mixture)
+        student_gap, target_gap = _mixture_gaps(log_student, log_target, beta)
+        kl_target_mixture += weighted_term(tl.exp2(log_target), target_gap)
+        kl_student_mixture += weighted_term(tl.exp2(log_student), student_gap)
     return tl.sum(kl_target_mixture, 0), tl.sum(kl_student_mixture, 0)
 
 
@@ -183,8 +197,8 @@ def _gradient_sweep(rows, normalizers, target_normalizer, grad_row, vocab, scale
         elif DIVERGENCE == FORWARD_KL:
             grad = (student_prob - tl.exp2(log_target)) * grad_coefficient
         else:
-            log_mixture = _log_mixture(log_student, log_target, beta)
-            grad = weighted_term(student_prob, log_student - log_mixture - kl_student_mixture) * (
+            student_gap, _ = _mixture_gaps(log_student, log_target, beta)
+            grad = weighted_term(student_prob, student_gap - kl_student_mixture) * (
                 (1.0 - beta) * LN_2 * grad_coefficient)
         tl.store(grad_row + cols, grad.to(grad_row.dtype.element_ty), mask=mask)
 

@@ -57,12 +57,11 @@ def log2_probs(x, row_max, scale, log2_row_sum):
 
 
 @triton.jit
-def logaddexp2(x, y):
-    """log2(2^x + 2^y) in float32, -inf when both are -inf, NaN when either is NaN."""
-    larger = tl.maximum(x, y, propagate_nan=ALL_NAN)
-    smaller = tl.minimum(x, y, propagate_nan=ALL_NAN)
-    safe_larger = tl.where(larger == NEG_INF, 0.0, larger)
-    return larger + tl.log2(1.0 + tl.exp2(smaller - safe_larger))
+def log2_1p(x):
+    """log2(1 + x) accurate for small x (the rounding of 1 + x cancels; libdevice's log1p is not
+    available in the interpreter)."""
+    one_plus_x = 1.0 + x
+    return tl.where(one_plus_x == 1.0, x * 1.4426950408889634, tl.log2(one_plus_x) * (x / (one_plus_x - 1.0)))
 
 
 @triton.jit

@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 
 from .tl_utils import (
+    LN_2,
+    LOG2_E,
     NEG_INF,
     lane_weights,
     log2_probs,
@@ -29,11 +31,9 @@ from .tl_utils import (
     weighted_term,
 )
 
-REVERSE_KL: tl.constexpr = 0
-FORWARD_KL: tl.constexpr = 1
-JSD: tl.constexpr = 2
-LOG2_E: tl.constexpr = 1.4426950408889634
-LN_2: tl.constexpr = 0.6931471805599453
+REVERSE_KL = tl.constexpr(0)
+FORWARD_KL = tl.constexpr(1)
+JSD = tl.constexpr(2)
 
 
 @triton.jit

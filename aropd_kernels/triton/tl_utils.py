@@ -7,8 +7,10 @@ Every log-domain quantity inside the kernels is in base 2 (``log2 p``), so each 
 import triton
 import triton.language as tl
 
-NEG_INF: tl.constexpr = float("-inf")
-ALL_NAN: tl.constexpr = tl.PropagateNan.ALL  # NaN in an input must reach the loss, never be dropped
+NEG_INF = tl.constexpr(float("-inf"))
+ALL_NAN = tl.constexpr(tl.PropagateNan.ALL)  # NaN in an input must reach the loss, never be dropped
+LOG2_E = tl.constexpr(1.4426950408889634)
+LN_2 = tl.constexpr(0.6931471805599453)
 
 
 @triton.jit
@@ -61,7 +63,7 @@ def log2_1p(x):
     """log2(1 + x) accurate for small x (the rounding of 1 + x cancels; libdevice's log1p is not
     available in the interpreter)."""
     one_plus_x = 1.0 + x
-    return tl.where(one_plus_x == 1.0, x * 1.4426950408889634, tl.log2(one_plus_x) * (x / (one_plus_x - 1.0)))
+    return tl.where(one_plus_x == 1.0, x * LOG2_E, tl.log2(one_plus_x) * (x / (one_plus_x - 1.0)))
 
 
 @triton.jit

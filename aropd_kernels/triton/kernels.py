@@ -131,8 +131,8 @@ def _target_sweep(rows, normalizers, vocab, scale, lam, clip,
     diagnostics = (0.0, 0.0, 0.0, 0.0)
     if WITH_DIAGNOSTICS:
         target_entropy = lse_z - tl.sum(target_qz * lane_weight, 0) / z_row_sum
-        diagnostics = (LN_2 * tl.sum(belief_shift, 0), tl.sum(clipped_mass, 0),
-                       -LN_2 * tl.sum(student_plogp, 0), LN_2 * target_entropy)
+        diagnostics = (tl.sum(belief_shift, 0) * LN_2, tl.sum(clipped_mass, 0),
+                       -tl.sum(student_plogp, 0) * LN_2, target_entropy * LN_2)
     return target_normalizer, divergence, diagnostics
 
 
@@ -193,13 +193,13 @@ def _gradient_sweep(rows, normalizers, target_normalizer, grad_row, vocab, scale
                                                       lam, clip, "evict_first")
         student_prob = tl.exp2(log_student)
         if DIVERGENCE == REVERSE_KL:
-            grad = weighted_term(student_prob, log_student - log_target - divergence) * (LN_2 * grad_coefficient)
+            grad = weighted_term(student_prob, log_student - log_target - divergence) * (grad_coefficient * LN_2)
         elif DIVERGENCE == FORWARD_KL:
             grad = (student_prob - tl.exp2(log_target)) * grad_coefficient
         else:
             student_gap, _ = _mixture_gaps(log_student, log_target, beta)
             grad = weighted_term(student_prob, student_gap - kl_student_mixture) * (
-                (1.0 - beta) * LN_2 * grad_coefficient)
+                grad_coefficient * (1.0 - beta) * LN_2)
         tl.store(grad_row + cols, grad.to(grad_row.dtype.element_ty), mask=mask)
 
 
@@ -240,7 +240,7 @@ def anchored_residual_rows_kernel(
                 partial_ptr + batch * partial_stride_b + position * partial_stride_t,
                 full_ptr + batch * full_stride_b + position * full_stride_t)
         temperature = tl.load(row_temperature_ptr + row)
-        scale = LOG2_E / temperature
+        scale = (1.0 / temperature) * LOG2_E
         normalizers = _log_normalizers(rows[0], rows[1], rows[2], vocab, scale, BLOCK_V)
         target_normalizer, divergence, diagnostics = _target_sweep(
             rows, normalizers, vocab, scale, lam, clip, DIVERGENCE, WITH_DIAGNOSTICS, BLOCK_V)
@@ -249,7 +249,7 @@ def anchored_residual_rows_kernel(
             kl_target_mixture, kl_student_mixture = _jsd_sweep(
                 rows, normalizers, target_normalizer, vocab, scale, lam, clip, beta, BLOCK_V)
             divergence = beta * kl_target_mixture + (1.0 - beta) * kl_student_mixture
-        tl.store(row_loss_ptr + row, LN_2 * divergence)
+        tl.store(row_loss_ptr + row, divergence * LN_2)
         if WITH_DIAGNOSTICS:
             _store_diagnostics(diagnostics_ptr, n_rows, row, diagnostics)
         if WRITE_GRAD:

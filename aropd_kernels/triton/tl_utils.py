@@ -11,6 +11,8 @@ NEG_INF = tl.constexpr(float("-inf"))
 ALL_NAN = tl.constexpr(tl.PropagateNan.ALL)  # NaN in an input must reach the loss, never be dropped
 LOG2_E = tl.constexpr(1.4426950408889634)
 LN_2 = tl.constexpr(0.6931471805599453)
+# Constants go on the right of a tensor operand: the interpreter evaluates ``constexpr * tensor``
+# as a constexpr holding a tensor, which tl.store then rejects.
 
 
 @triton.jit

@@ -23,6 +23,8 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from typing import NamedTuple
 
+from ..backends import _triton_interpreter_enabled
+
 DIVERGENCES = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2}
 # (student, partial and full teacher): uniform dtypes, and half-precision students with float32 teachers.
 DTYPE_SETS = (("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("bf16", "fp32"), ("fp16", "fp32"))
@@ -139,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="compute capability times ten, e.g. 80 (A100) or 90 (H100); repeat for several")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: all cores)")
     args = parser.parse_args(argv)
+    if _triton_interpreter_enabled():
+        parser.error("TRITON_INTERPRET=1 makes the kernels interpreted functions, which do not compile; unset it.")
     specs = specializations(args.arch)
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         reports = list(pool.map(compile_one, specs))

@@ -77,12 +77,14 @@ def compute_rows(
     if n_rows == 0:
         return RowResult(row_loss, diagnostics)
     write_grad = grad_scale is not None
+    row_temperature, active = row_temperature.contiguous(), active.contiguous()  # indexed by row number
+    grad_scale = grad_scale.contiguous() if write_grad else row_temperature
     config = launch_config(vocab)
     # Triton launches on the current CUDA device: make it the logits' device.
     with torch.cuda.device(student.device) if student.is_cuda else contextlib.nullcontext():
         anchored_residual_rows_kernel[(n_rows,)](
             student, partial, full, grad_out if write_grad else student,
-            row_temperature, active, grad_scale if write_grad else row_temperature,
+            row_temperature, active, grad_scale,
             row_loss, diagnostics if with_diagnostics else row_loss,
             n_rows, rows_per_batch, vocab,
             *student.stride()[:2], *partial.stride()[:2], *full.stride()[:2],

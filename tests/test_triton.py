@@ -85,14 +85,26 @@ def test_triton_lam_zero_ignores_full_teacher_bans():
 
 
 @needs_triton
-def test_triton_nan_propagates_to_its_row_only():
-    problem = _problem(300, rows=3, beta=0.0)
-    problem.student[1, 10] = math.nan
-    student = problem.student.to(DEVICE).requires_grad_(True)
-    loss = anchored_residual_kl(student, problem.partial.to(DEVICE), problem.full.to(DEVICE), beta=0.0,
-                                reduction="none", backend="triton")
+@pytest.mark.parametrize("beta", [1.0, 0.0, 0.5])
+@pytest.mark.parametrize("nan_input", [0, 1, 2])
+def test_triton_nan_propagates_to_its_row_only(beta, nan_input):
+    """SPEC §5: a NaN in the student or either teacher reaches that row's loss, never hidden."""
+    problem = _problem(300, rows=3, beta=beta)
+    inputs = [problem.student, problem.partial, problem.full]
+    inputs[nan_input][1, 10] = math.nan
+    loss = anchored_residual_kl(*(tensor.to(DEVICE) for tensor in inputs), beta=beta, reduction="none",
+                                backend="triton")
     assert torch.isnan(loss[1])
     assert torch.isfinite(loss[[0, 2]]).all()
+
+
+@needs_triton
+def test_triton_forward_kl_is_infinite_where_the_student_forbids_target_mass():
+    problem = _problem(300, rows=2, beta=0.0)
+    problem.student[:, 5] = NEG_INF
+    loss = anchored_residual_kl(problem.student.to(DEVICE), problem.partial.to(DEVICE), problem.full.to(DEVICE),
+                                beta=0.0, reduction="none", backend="triton")
+    assert torch.equal(loss.cpu(), torch.full((2,), math.inf))
 
 
 @needs_triton

@@ -12,10 +12,10 @@ import triton
 from ..backends import RowResult
 from .kernels import FORWARD_KL, JSD, REVERSE_KL, anchored_residual_rows_kernel
 
-# Up to 2048 lanes per block, 4 per thread up to 8 warps (8 per thread only in the widest block):
+# Up to 2048 elements per block, 4 per thread up to 8 warps (8 per thread only in the widest block):
 # enough loads in flight to stream a row while every sweep's per-lane accumulators stay in
 # registers. The compile report holds each configuration to zero spills: ptxas spilled the 8-per-
-# thread blocks of 512 and 1024 lanes (2 and 4 warps), so those are not used.
+# thread blocks of 512 and 1024 elements (2 and 4 warps), so those are not used.
 MAX_BLOCK_V = 2048
 MIN_BLOCK_V = 256
 MAX_WARPS = 8

@@ -13,6 +13,11 @@ from typing import NamedTuple
 
 import pytest
 import torch
+
+# Without CUDA the Triton kernels run in Triton's CPU interpreter. The switch must be set before
+# aropd_kernels.triton is imported (triton.jit reads it when the kernels are defined).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 from hypothesis import HealthCheck, settings
 
 from aropd_kernels import backends

@@ -1,0 +1,159 @@
+"""Compile every Triton kernel specialization ahead of time and report registers, spills, shared memory.
+
+    python -m aropd_kernels.triton.compile_report --arch 80 --arch 90
+
+No GPU is needed: each specialization is compiled with ``triton.compile`` for a ``GPUTarget`` and
+Triton's bundled ``ptxas``, whose verbose log gives the registers and spill bytes. A specialization
+is one choice of the kernel's constexprs (divergence, diagnostics, gradient), a launch configuration
+that :func:`~aropd_kernels.triton.launch.launch_config` can return, and a dtype set (student and
+teachers, as the public API takes them). Integer arguments get the divisibility-by-16 specialization
+that the usual vocabulary sizes (128256, 152064, 262208) and contiguous logits get at run time.
+Exits 1 on any compile error or any spill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import itertools
+import os
+import re
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from typing import NamedTuple
+
+from ..backends import _triton_interpreter_enabled
+
+DIVERGENCES = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2}
+# (student, partial and full teacher): uniform dtypes, and half-precision students with float32 teachers.
+DTYPE_SETS = (("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("bf16", "fp32"), ("fp16", "fp32"))
+_FLOAT_SCALARS = ("lam", "clip", "beta")
+_FLOAT32_POINTERS = ("row_temperature_ptr", "grad_scale_ptr", "row_loss_ptr", "diagnostics_ptr")
+
+
+class Specialization(NamedTuple):
+    arch: int
+    divergence: str
+    with_diagnostics: bool
+    write_grad: bool
+    student_dtype: str
+    teacher_dtype: str
+    block_v: int
+    num_warps: int
+
+    def describe(self) -> str:
+        return (f"{self.divergence} diag={int(self.with_diagnostics)} grad={int(self.write_grad)} "
+                f"{self.student_dtype}/{self.teacher_dtype} BLOCK_V={self.block_v} warps={self.num_warps}")
+
+
+class Report(NamedTuple):
+    specialization: Specialization
+    registers: int | None
+    spill_bytes: int | None
+    shared_bytes: int | None
+    error: str | None
+
+
+def specializations(arches: list[int]) -> list[Specialization]:
+    from .launch import all_launch_configs
+
+    return [
+        Specialization(arch, divergence, diagnostics, grad, student, teacher, config.block_v, config.num_warps)
+        for arch, divergence, diagnostics, grad, (student, teacher), config in itertools.product(
+            arches, DIVERGENCES, (False, True), (False, True), DTYPE_SETS, all_launch_configs())
+    ]
+
+
+def _signature(kernel, spec: Specialization) -> dict[str, str]:
+    types = {"student_ptr": f"*{spec.student_dtype}", "partial_ptr": f"*{spec.teacher_dtype}",
+             "full_ptr": f"*{spec.teacher_dtype}", "grad_ptr": f"*{spec.student_dtype}", "active_ptr": "*i1"}
+    for name in kernel.arg_names:
+        if name in types:
+            continue
+        if name in _FLOAT32_POINTERS:
+            types[name] = "*fp32"
+        elif name in _FLOAT_SCALARS:
+            types[name] = "fp32"
+        elif name.isupper():
+            types[name] = "constexpr"
+        else:  # sizes and row strides; batch strides may pass 2^31 when N·V does
+            types[name] = "i64" if name.endswith("stride_b") else "i32"
+    return types
+
+
+def _divisible_by_16(kernel) -> dict[tuple[int], list[list]]:
+    aligned = [i for i, name in enumerate(kernel.arg_names)
+               if name.endswith("_ptr") or "stride" in name or name == "vocab"]
+    return {(i,): [["tt.divisibility", 16]] for i in aligned}
+
+
+def _ptxas_numbers(log: str) -> tuple[int, int]:
+    registers = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if registers is None or spills is None:
+        raise RuntimeError(f"unexpected ptxas log:\n{log}")
+    return int(registers.group(1)), int(spills.group(1)) + int(spills.group(2))
+
+
+def compile_one(spec: Specialization) -> Report:
+    import triton
+    from triton import knobs
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from .kernels import anchored_residual_rows_kernel as kernel
+    from .launch import ENABLE_FP_FUSION
+
+    source = ASTSource(
+        fn=kernel, signature=_signature(kernel, spec), attrs=_divisible_by_16(kernel),
+        constexprs={"DIVERGENCE": DIVERGENCES[spec.divergence], "WITH_DIAGNOSTICS": spec.with_diagnostics,
+                    "WRITE_GRAD": spec.write_grad, "BLOCK_V": spec.block_v})
+    log = io.StringIO()
+    try:
+        with knobs.nvidia.scope(), knobs.compilation.scope(), contextlib.redirect_stdout(log):
+            knobs.nvidia.dump_ptxas_log = True  # Triton prints the log of its own ptxas run
+            knobs.compilation.always_compile = True  # a cached kernel would skip ptxas and its log
+            compiled = triton.compile(source, target=GPUTarget("cuda", spec.arch, 32),
+                                      options={"num_warps": spec.num_warps, "enable_fp_fusion": ENABLE_FP_FUSION})
+        registers, spill_bytes = _ptxas_numbers(log.getvalue())
+        return Report(spec, registers, spill_bytes, compiled.metadata.shared, None)
+    except Exception as error:  # reported per specialization, and the exit code says it failed
+        return Report(spec, None, None, None, f"{type(error).__name__}: {error}".splitlines()[0])
+
+
+def _print_table(reports: list[Report]) -> None:
+    header = f"{'kernel':<30} {'arch':<6} {'specialization':<52} {'registers':>9} {'spill B':>8} {'shared B':>9}"
+    print(header)
+    print("-" * len(header))
+    for report in reports:
+        spec = report.specialization
+        if report.error is not None:
+            print(f"{'anchored_residual_rows_kernel':<30} sm_{spec.arch:<3} {spec.describe():<52} ERROR {report.error}")
+            continue
+        print(f"{'anchored_residual_rows_kernel':<30} sm_{spec.arch:<3} {spec.describe():<52} "
+              f"{report.registers:>9} {report.spill_bytes:>8} {report.shared_bytes:>9}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, action="append", required=True,
+                        help="compute capability times ten, e.g. 80 (A100) or 90 (H100); repeat for several")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: all cores)")
+    args = parser.parse_args(argv)
+    if _triton_interpreter_enabled():
+        parser.error("TRITON_INTERPRET=1 makes the kernels interpreted functions, which do not compile; unset it.")
+    specs = specializations(args.arch)
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        reports = list(pool.map(compile_one, specs))
+    _print_table(reports)
+    errors = sum(report.error is not None for report in reports)
+    spilling = sum(bool(report.spill_bytes) for report in reports)
+    worst = max((report.registers for report in reports if report.registers is not None), default=0)
+    print(f"\n{len(reports)} specializations, {errors} compile errors, {spilling} with spills, "
+          f"at most {worst} registers per thread")
+    return 1 if errors or spilling else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,88 @@
+"""Triton helpers shared by the anchored-residual kernels: online log-sum-exp in base 2, the target logit.
+
+Every log-domain quantity inside the kernels is in base 2 (``log2 p``), so each exponential is one
+``exp2`` and each logarithm one ``log2``; the kernel multiplies row sums by ln 2 once at the end.
+"""
+
+import triton
+import triton.language as tl
+
+NEG_INF = tl.constexpr(float("-inf"))
+ALL_NAN = tl.constexpr(tl.PropagateNan.ALL)  # NaN in an input must reach the loss, never be dropped
+LOG2_E = tl.constexpr(1.4426950408889634)
+LN_2 = tl.constexpr(0.6931471805599453)
+# Constants go on the right of a tensor operand: the interpreter evaluates ``constexpr * tensor``
+# as a constexpr holding a tensor, which tl.store then rejects.
+
+
+@triton.jit
+def online_logsumexp_update(running_max, running_sum, x, scale):
+    """Fold ``x`` into per-lane running ``(max of x, sum of exp2((x - max) * scale))``, one exp2 each.
+
+    The max is kept in the units of ``x`` (raw logits for the inputs, so that ``x - max`` is exact
+    and only the small difference is scaled; see :func:`log2_probs`). Returns the new pair and
+    ``(decay, grew)``: where ``grew`` the old sum was rescaled by ``decay`` and ``x`` enters with
+    weight 1, elsewhere ``x`` enters with weight ``decay``. Callers keeping a running exp2-weighted
+    sum of another value reuse them instead of exponentiating again.
+    """
+    new_max = tl.maximum(running_max, x, propagate_nan=ALL_NAN)
+    smaller = tl.minimum(running_max, x, propagate_nan=ALL_NAN)
+    # A lane that has seen only -inf holds no mass: exp2(-inf - -inf) would be NaN.
+    decay = tl.where(new_max == NEG_INF, 0.0, tl.exp2((smaller - new_max) * scale))
+    grew = x > running_max
+    running_sum = tl.where(grew, running_sum * decay + 1.0, running_sum + decay)
+    return new_max, running_sum, decay, grew
+
+
+@triton.jit
+def online_weighted_update(running_total, value, decay, grew):
+    """Running sum of ``exp2((x - max) * scale) * value`` kept alongside :func:`online_logsumexp_update`."""
+    return tl.where(grew, running_total * decay + value, running_total + decay * value)
+
+
+@triton.jit
+def lane_weights(lane_max, lane_sum, scale):
+    """Combine per-lane running pairs into ``(weight of each lane, row max, row sum of exp2)``.
+
+    The row's log2-sum-exp2 is ``row_max * scale + log2(row_sum)``; a weighted running total kept per
+    lane becomes a row mean as ``sum(total * weight) / row_sum``.
+    """
+    row_max = tl.max(lane_max, 0)
+    safe_max = tl.where(row_max == NEG_INF, 0.0, row_max)
+    weight = tl.exp2((lane_max - safe_max) * scale)
+    return weight, row_max, tl.sum(lane_sum * weight, 0)
+
+
+@triton.jit
+def log2_probs(x, row_max, scale, log2_row_sum):
+    """log2 softmax(x * scale / log2 e) = (x - max) * scale - log2(sum): the shift is exact and only
+    the difference is rounded by the scaling, so large logits lose no precision."""
+    return (x - row_max) * scale - log2_row_sum
+
+
+@triton.jit
+def log2_1p(x):
+    """log2(1 + x) accurate for small x (the rounding of 1 + x cancels; libdevice's log1p is not
+    available in the interpreter)."""
+    one_plus_x = 1.0 + x
+    return tl.where(one_plus_x == 1.0, x * LOG2_E, tl.log2(one_plus_x) * (x / (one_plus_x - 1.0)))
+
+
+@triton.jit
+def target_logit(log_partial, log_full, lam, clip):
+    """z = la + lam * clamp(lf - la, -clip, clip) in base 2, with the -inf conventions of SPEC §1.
+
+    A token the anchor forbids (la = -inf) has residual 0, so z stays -inf. A residual of -inf (only
+    with clip = inf and lf = -inf) forbids the token for lam > 0 and is ignored for lam = 0.
+    """
+    residual = tl.clamp(log_full - log_partial, -clip, clip, propagate_nan=ALL_NAN)
+    residual = tl.where(log_partial == NEG_INF, 0.0, residual)
+    forbidden = tl.where(lam > 0, NEG_INF, 0.0)
+    scaled = tl.where(residual == NEG_INF, forbidden, lam * residual)
+    return log_partial + scaled
+
+
+@triton.jit
+def weighted_term(weight, value):
+    """weight * value, exactly 0 where the weight is exactly 0 (0 log 0 = 0); NaN weights stay NaN."""
+    return tl.where(weight == 0.0, 0.0, weight * value)

@@ -72,7 +72,7 @@ def anchored_residual_kl(
     row_weights = _row_weights(weights, batch_shape, student_logits.device)
     name = backends.resolve(backend, student_logits.device, tuple(t.dtype for t in tensors))
 
-    rows_views = [_as_rows(t) for t in tensors]
+    rows_views = _as_rows(*tensors)
     row_scale = _row_scale(reduction, row_weights, active, batch_shape, num_items_in_batch)
     loss, diagnostics, _ = anchored_residual_kl_op(
         *rows_views, row_temperature, active, row_scale,
@@ -226,24 +226,34 @@ def _row_weights(weights, batch_shape, device) -> torch.Tensor | None:
 # --- rows and reductions ---------------------------------------------------------------------------
 
 
-def _as_rows(logits: torch.Tensor) -> torch.Tensor:
-    """A [B, T, V] view with unit stride in V; copies only when no such view exists."""
-    if logits.stride(-1) != 1 and logits.shape[-1] > 1:
-        logits = logits.contiguous()
-    sizes, strides = [], []
-    for size, stride in zip(logits.shape[:-1], logits.stride()[:-1]):
+def _row_groups(logits: torch.Tensor) -> list[int]:
+    """Leading dimensions where a new group starts: within a group dimensions merge without a copy."""
+    starts, group_stride = [], None  # stride of the group's innermost dimension of size > 1
+    for dim in range(logits.dim() - 1):
+        size, stride = logits.shape[dim], logits.stride(dim)
         if size == 1:
             continue
-        if sizes and strides[-1] == stride * size:  # merges with the dimension before it
-            sizes[-1] *= size
-            strides[-1] = stride
-        else:
-            sizes.append(size)
-            strides.append(stride)
-    if len(sizes) > 2:  # no [B, T, V] view exists: reshape copies
-        sizes = [-1]
-    sizes = [1] * (2 - len(sizes)) + sizes
-    return logits.reshape(*sizes, logits.shape[-1])
+        if group_stride is None or group_stride != stride * size:
+            starts.append(dim)
+        group_stride = stride
+    return starts
+
+
+def _as_rows(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """The same [B, T, V] view of every tensor (unit stride in V), copying only where none exists.
+
+    All three must share B and T, since a kernel maps row i to (i // T, i % T) in each of them.
+    """
+    tensors = [t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous() for t in tensors]
+    vocab, batch_shape = tensors[0].shape[-1], tensors[0].shape[:-1]
+    # a boundary between leading dimensions survives if any tensor cannot merge across it
+    boundaries = sorted({start for t in tensors for start in _row_groups(t)} - {0})
+    if len(boundaries) > 1:  # no common [B, T] view: copy
+        tensors = [t.contiguous() for t in tensors]
+        boundaries = []
+    split = boundaries[0] if boundaries else 0
+    rows_shape = (math.prod(batch_shape[:split]), math.prod(batch_shape[split:]))
+    return [t.reshape(*rows_shape, vocab) for t in tensors]
 
 
 def _row_scale(reduction, row_weights, active, batch_shape, num_items_in_batch) -> torch.Tensor:

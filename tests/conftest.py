@@ -31,8 +31,10 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 NEG_INF = float("-inf")
 LOSS_RTOL, LOSS_ATOL = 1e-4, 1e-5  # SPEC §4, per-token loss and diagnostics
 # SPEC §4 gradient rule (Cut Cross-Entropy's): a backend's error against the gold may exceed the
-# error of plain float32 torch rounded to the student's dtype by this factor plus this fraction of
-# the gold's largest entry. Stated in docs/api.md.
+# error of plain float32 torch rounded to the student's dtype by this factor, plus this fraction of
+# the gradient's natural unit w_i / T_i (a gradient entry is p_v times O(1) log-probability
+# differences over T, so float32 rounding of those differences leaves errors of a few 1e-7 units
+# whatever the size of the result). Stated in docs/api.md.
 GRAD_ERROR_FACTOR, GRAD_ERROR_FLOOR = 2.0, 1e-6
 
 
@@ -116,25 +118,26 @@ def assert_loss_close(actual: torch.Tensor, expected: torch.Tensor, what: str = 
 
 
 def grad_errors(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
-    """(max-abs error, relative L2 error) of a gradient against the float64 gold."""
+    """(max-abs error, L2 norm of the error) of a gradient against the float64 gold."""
     difference = actual.double().cpu() - expected
     max_abs = difference.abs().max().item() if difference.numel() else 0.0
-    relative_l2 = (difference.norm() / expected.norm().clamp(min=1e-30)).item()
-    return max_abs, relative_l2
+    return max_abs, difference.norm().item()
 
 
-def assert_grad_close(actual: torch.Tensor, expected: torch.Tensor, baseline: torch.Tensor) -> None:
-    """SPEC §4 (Cut Cross-Entropy's rule): error at most GRAD_ERROR_FACTOR x the plain float32
-    torch error (``baseline``, already rounded to the student's dtype) plus a floor."""
+def assert_grad_close(actual: torch.Tensor, expected: torch.Tensor, baseline: torch.Tensor, unit: float) -> None:
+    """SPEC §4 (Cut Cross-Entropy's rule): max-abs and L2 errors at most GRAD_ERROR_FACTOR x those of
+    the plain float32 torch gradient (``baseline``, already rounded to the student's dtype) plus
+    GRAD_ERROR_FLOOR x ``unit``, the largest per-row factor w_i / T_i."""
     assert not torch.isnan(actual).any(), "NaN in a gradient whose gold is finite"
-    max_abs, rel_l2 = grad_errors(actual, expected)
-    base_max_abs, base_rel_l2 = grad_errors(baseline, expected)
-    scale = expected.abs().max().item() if expected.numel() else 0.0
-    assert max_abs <= GRAD_ERROR_FACTOR * base_max_abs + GRAD_ERROR_FLOOR * scale + 1e-12, (
+    max_abs, l2 = grad_errors(actual, expected)
+    base_max_abs, base_l2 = grad_errors(baseline, expected)
+    floor = GRAD_ERROR_FLOOR * unit
+    assert max_abs <= GRAD_ERROR_FACTOR * base_max_abs + floor, (
         f"max-abs gradient error {max_abs:.3e} vs plain float32 torch {base_max_abs:.3e}"
     )
-    assert rel_l2 <= GRAD_ERROR_FACTOR * base_rel_l2 + GRAD_ERROR_FLOOR, (
-        f"relative L2 gradient error {rel_l2:.3e} vs plain float32 torch {base_rel_l2:.3e}"
+    rows = max(actual.shape[0], 1) if actual.dim() else 1
+    assert l2 <= GRAD_ERROR_FACTOR * base_l2 + floor * math.sqrt(rows), (
+        f"L2 gradient error {l2:.3e} vs plain float32 torch {base_l2:.3e}"
     )
 
 

@@ -55,10 +55,11 @@ def problems(draw, dtypes=(torch.float32, torch.bfloat16, torch.float16), max_ro
     if padding:  # vocabulary padding: -inf in all three
         for tensor in (student, partial, full):
             tensor[..., vocab - padding:] = -math.inf
-    if vocab - padding > 2 and draw(st.booleans()):  # a token one teacher bans
-        banned = draw(st.sampled_from([partial, full]))
+    if vocab - padding > 2 and draw(st.booleans()):  # a token one view bans (infinite KL rows included)
+        banned = draw(st.sampled_from([partial, full, student]))
         banned[..., 0] = -math.inf
-    layout = draw(st.sampled_from(["contiguous", "sliced", "transposed"])) if len(batch_shape) >= 1 else "contiguous"
+    layouts = ["contiguous", "sliced", "transposed"] if len(batch_shape) >= 1 else ["contiguous"]
+    layout = [draw(st.sampled_from(layouts)) for _ in range(3)]  # each input its own view
 
     lam = draw(st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0.0, 2.0)))
     clip = draw(st.one_of(st.just(math.inf), st.floats(0.1, 10.0)))
@@ -69,8 +70,8 @@ def problems(draw, dtypes=(torch.float32, torch.bfloat16, torch.float16), max_ro
     mask = torch.rand(batch_shape, generator=generator) > 0.3 if draw(st.booleans()) else None
     weights = torch.rand(batch_shape, generator=generator) * 2 if draw(st.booleans()) else None
     return Problem(
-        _view(student.to(dtype), layout),
-        _view(partial.to(teacher_dtype), layout),
-        _view(full.to(teacher_dtype), layout),
+        _view(student.to(dtype), layout[0]),
+        _view(partial.to(teacher_dtype), layout[1]),
+        _view(full.to(teacher_dtype), layout[2]),
         lam, clip, beta, temperature, mask, weights,
     )

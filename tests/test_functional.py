@@ -87,12 +87,24 @@ def test_all_rows_skipped_gives_zero_loss_and_zero_gradient():
 
 def test_slices_are_viewed_not_copied_and_transposes_are_copied():
     buffer = torch.randn(2, 9, 31)
-    sliced = buffer[:, :-1, :]
-    assert _as_rows(sliced).data_ptr() == sliced.data_ptr() and _as_rows(sliced).shape == (2, 8, 31)
-    flat = buffer.view(18, 31)
-    assert _as_rows(flat).shape == (1, 18, 31) and _as_rows(flat).data_ptr() == flat.data_ptr()
-    transposed = torch.randn(31, 6).t()
-    assert _as_rows(transposed).stride(-1) == 1
+    sliced, flat, transposed = buffer[:, :-1, :], buffer.view(18, 31)[:16], torch.randn(31, 16).t()
+    (view,) = _as_rows(sliced)
+    assert view.data_ptr() == sliced.data_ptr() and view.shape == (2, 8, 31)
+    (view,) = _as_rows(flat)
+    assert view.shape == (1, 16, 31) and view.data_ptr() == flat.data_ptr()
+    (view,) = _as_rows(transposed)
+    assert view.stride(-1) == 1
+
+
+def test_the_three_views_share_batch_and_positions():
+    sliced = torch.randn(2, 9, 31)[:, :-1]
+    contiguous = torch.randn(2, 8, 31)
+    views = _as_rows(sliced, contiguous, contiguous)
+    assert [v.shape for v in views] == [(2, 8, 31)] * 3
+    assert views[0].data_ptr() == sliced.data_ptr() and views[1].data_ptr() == contiguous.data_ptr()
+    unit_dims = torch.randn(3, 1, 4, 7).transpose(1, 2)  # a size-1 dimension with an odd stride
+    (view,) = _as_rows(unit_dims)
+    assert view.shape == (1, 12, 7) and view.data_ptr() == unit_dims.data_ptr()
 
 
 @pytest.mark.parametrize("layout", ["sliced", "transposed", "4d"])
@@ -107,6 +119,21 @@ def test_non_contiguous_inputs_give_the_contiguous_result(backend, layout):
     expected_loss, expected_grad = _grad(lambda s: anchored_residual_kl(s, partial, full, backend=backend), student)
     loss, grad = _grad(lambda s: anchored_residual_kl(view(s), view(partial), view(full), backend=backend), student)
     torch.testing.assert_close(loss, expected_loss)  # batchmean does not depend on the row order
+    torch.testing.assert_close(grad, expected_grad)
+
+
+@pytest.mark.parametrize("sliced", ["student", "partial", "full"])
+def test_each_input_may_have_its_own_row_strides(backend, sliced):
+    """A [:, :-1] slice beside contiguous tensors: every backend must index each by its own strides."""
+    inputs = dict(zip(("student", "partial", "full"), _problem(2, 5, 19, seed=17)))
+    expected_loss, expected_grad = _grad(
+        lambda s: anchored_residual_kl(s, inputs["partial"], inputs["full"], reduction="none", backend=backend).sum(),
+        inputs["student"])
+    inputs[sliced] = torch.cat([inputs[sliced], torch.randn(2, 2, 19)], dim=1)[:, :-2]
+    loss, grad = _grad(
+        lambda s: anchored_residual_kl(s, inputs["partial"], inputs["full"], reduction="none", backend=backend).sum(),
+        inputs["student"])
+    torch.testing.assert_close(loss, expected_loss)
     torch.testing.assert_close(grad, expected_grad)
 
 

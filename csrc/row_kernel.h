@@ -1,0 +1,41 @@
+// The per-row contract of aropd_kernels/backends.py, in C++ (SPEC §1-§2).
+//
+// Pointers, shapes, strides (in elements) and dtype codes come from aropd_kernels/native.py, which
+// validates them; nothing here knows about torch.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace aropd {
+
+enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// A [B, T, V] view with unit stride in V: row (b, t) starts at data + b * stride_batch + t * stride_seq.
+struct RowsView {
+  const void* data;
+  int dtype;
+  int64_t stride_batch;
+  int64_t stride_seq;
+};
+
+struct Problem {
+  RowsView student, partial, full;
+  RowsView grad;  // data == nullptr: no gradient; otherwise written, in the student's dtype
+  int64_t batch, seq, vocab;
+  const float* temperature;  // [N], every entry > 0
+  const bool* active;        // [N]
+  const float* grad_scale;   // [N]; used when grad.data != nullptr
+  float* row_loss;           // [N] out
+  float* diagnostics;        // [4, N] out, or nullptr
+  float lam, clip;
+  double beta;  // double: an interior beta must never round to the endpoints 0 or 1
+};
+
+// Runs every row of the problem on num_threads OpenMP threads.
+void compute_rows(const Problem& problem, int num_threads);
+
+// The instruction set the row kernel dispatches to on this CPU ("x86-64-v4", "x86-64-v3", "baseline").
+std::string instruction_set();
+
+}  // namespace aropd

@@ -9,6 +9,10 @@
 // gradient (4). Each sweep walks the row in blocks of kBlock elements: the three inputs are converted
 // to float32 (already divided by T) into L1-resident buffers, and the math runs on 16-lane vectors.
 // Online softmax rescales once per block, so it costs one exp per element, not two.
+//
+// Inside, every logarithm is in bits (base 2): the inputs are multiplied by log2(e) / T as they are
+// loaded, so that each exponential is a 2^x (see vector_math.h); results are converted back to nats
+// (times ln 2) when they are written.
 #include "row_kernel.h"
 
 #include <algorithm>
@@ -68,14 +72,14 @@ AROPD_INLINE void store_vector(unsigned char* target, VecF value) {
   }
 }
 
-// Reads count logits, converts them to float32 times inv_temperature and pads the last vector with
+// Reads count logits, converts them to float32 times scale (log2(e) / T) and pads the last vector with
 // -inf, which every later step treats as a token of probability 0.
 template <int kDType>
-AROPD_INLINE void load_block_as(const unsigned char* source, int count, float inv_temperature, float* out) {
+AROPD_INLINE void load_block_as(const unsigned char* source, int count, float scale, float* out) {
   constexpr int kWidth = kDType == kFloat32 ? 4 : 2;
   const int whole = count / kLanes, tail = count % kLanes;
   for (int k = 0; k < whole; ++k) {
-    store(out + k * kLanes, load_vector<kDType>(source + k * kLanes * kWidth) * inv_temperature);
+    store(out + k * kLanes, load_vector<kDType>(source + k * kLanes * kWidth) * scale);
   }
   if (tail) {
     alignas(64) unsigned char padded[kLanes * kWidth];
@@ -86,17 +90,17 @@ AROPD_INLINE void load_block_as(const unsigned char* source, int count, float in
                                                             : static_cast<const void*>(&neg_inf_bits), kWidth);
     }
     std::memcpy(padded, source + whole * kLanes * kWidth, tail * kWidth);
-    store(out + whole * kLanes, load_vector<kDType>(padded) * inv_temperature);
+    store(out + whole * kLanes, load_vector<kDType>(padded) * scale);
   }
 }
 
-AROPD_INLINE void load_block(const char* row, int dtype, int64_t start, int count, float inv_temperature,
+AROPD_INLINE void load_block(const char* row, int dtype, int64_t start, int count, float scale,
                              float* out) {
   const auto* source = reinterpret_cast<const unsigned char*>(row) + start * element_size(dtype);
   switch (dtype) {
-    case kFloat32: return load_block_as<kFloat32>(source, count, inv_temperature, out);
-    case kBFloat16: return load_block_as<kBFloat16>(source, count, inv_temperature, out);
-    default: return load_block_as<kFloat16>(source, count, inv_temperature, out);
+    case kFloat32: return load_block_as<kFloat32>(source, count, scale, out);
+    case kBFloat16: return load_block_as<kBFloat16>(source, count, scale, out);
+    default: return load_block_as<kFloat16>(source, count, scale, out);
   }
 }
 
@@ -136,21 +140,21 @@ struct RowInputs {
   const char* full;
   int student_dtype, partial_dtype, full_dtype;
   int64_t vocab;
-  float inv_temperature;
+  float scale;  // log2(e) / T: logits in bits
 
   int count_at(int64_t start) const { return static_cast<int>(std::min<int64_t>(kBlock, vocab - start)); }
 
   // Loads the block at start of all three inputs; returns its number of vectors.
   AROPD_INLINE int load(int64_t start, Blocks& blocks) const {
     const int count = count_at(start);
-    load_block(student, student_dtype, start, count, inv_temperature, blocks.student);
-    load_block(partial, partial_dtype, start, count, inv_temperature, blocks.partial);
-    load_block(full, full_dtype, start, count, inv_temperature, blocks.full);
+    load_block(student, student_dtype, start, count, scale, blocks.student);
+    load_block(partial, partial_dtype, start, count, scale, blocks.partial);
+    load_block(full, full_dtype, start, count, scale, blocks.full);
     return (count + kLanes - 1) / kLanes;
   }
 };
 
-// Per-lane online log-sum-exp: the running max and the sum of exp(x - max) of each lane.
+// Per-lane online log-sum-exp (base 2): the running max and the sum of 2^(x - max) of each lane.
 struct LaneLogSumExp {
   VecF max = splat(kNegInf);
   VecF sum = splat(0.0f);
@@ -159,9 +163,9 @@ struct LaneLogSumExp {
   // max must be multiplied by. shift is what to subtract from the block's values before exp: the new
   // max, or 0 in lanes that have seen only -inf (so that -inf - -inf never makes a NaN).
   AROPD_INLINE VecF rebase(VecF block_max, VecF& shift) {
-    const VecF new_max = max_keep_nan(max, block_max);
+    const VecF new_max = lane_max(max, block_max);
     shift = new_max == splat(kNegInf) ? splat(0.0f) : new_max;
-    const VecF rescale = exp(max - shift);
+    const VecF rescale = exp2(max - shift);
     sum *= rescale;
     max = new_max;
     return rescale;
@@ -169,11 +173,11 @@ struct LaneLogSumExp {
 
   AROPD_INLINE void add_block(const float* values, int n_vectors) {
     VecF block_max = splat(kNegInf);
-    for (int k = 0; k < n_vectors; ++k) block_max = max_keep_nan(block_max, aropd::load(values + k * kLanes));
+    for (int k = 0; k < n_vectors; ++k) block_max = lane_max(block_max, aropd::load(values + k * kLanes));
     VecF shift;
     rebase(block_max, shift);
     VecF block_sum = splat(0.0f);
-    for (int k = 0; k < n_vectors; ++k) block_sum += exp(aropd::load(values + k * kLanes) - shift);
+    for (int k = 0; k < n_vectors; ++k) block_sum += exp2(aropd::load(values + k * kLanes) - shift);
     sum += block_sum;
   }
 };
@@ -183,16 +187,11 @@ struct LaneMerge {
   double max;
   double weight[kLanes];
 
-  explicit LaneMerge(VecF lane_max) {
+  explicit LaneMerge(VecF lane_maxima) {
     max = -INFINITY;
-    bool nan = false;
+    for (int lane = 0; lane < kLanes; ++lane) max = std::max<double>(max, lane_maxima[lane]);
     for (int lane = 0; lane < kLanes; ++lane) {
-      nan |= std::isnan(lane_max[lane]);
-      max = std::max<double>(max, lane_max[lane]);
-    }
-    if (nan) max = NAN;
-    for (int lane = 0; lane < kLanes; ++lane) {
-      weight[lane] = lane_max[lane] == kNegInf ? 0.0 : std::exp(lane_max[lane] - max);
+      weight[lane] = lane_maxima[lane] == kNegInf ? 0.0 : std::exp2(lane_maxima[lane] - max);
     }
   }
 
@@ -202,7 +201,7 @@ struct LaneMerge {
     return sum;
   }
 
-  double log_sum_exp(VecF lane_sum) const { return max + std::log(total(lane_sum)); }
+  double log_sum_exp(VecF lane_sum) const { return max + std::log2(total(lane_sum)); }
 };
 
 double sum_lanes(VecF values) {
@@ -212,10 +211,11 @@ double sum_lanes(VecF values) {
 }
 
 struct Settings {
-  float lam, clip;
+  float lam;
+  float clip;  // in bits
   float forbidden_by_full;  // lam * r where r = -inf: -inf for lam > 0, 0 for lam = 0 (never 0 * inf)
   double beta;
-  float log_beta, log_one_minus_beta;  // JSD mixture weights, in log space
+  float log_beta, log_one_minus_beta;  // JSD mixture weights, in bits
 };
 
 // z = la + lam * clamp(lf - la, -c, c) with the -inf conventions of reference._scaled_residual.
@@ -280,7 +280,7 @@ AROPD_INLINE TargetSummary target_pass(const RowInputs& in, const LogNormalizers
       const auto [log_student, log_partial, log_full] = lse.log_probs(blocks, k);
       const VecF z = anchored_target(log_partial, log_full, settings);
       store(blocks.scratch + k * kLanes, z);
-      block_max = max_keep_nan(block_max, z);
+      block_max = lane_max(block_max, z);
     }
     VecF shift;
     const VecF rescale = target.rebase(block_max, shift);
@@ -289,13 +289,13 @@ AROPD_INLINE TargetSummary target_pass(const RowInputs& in, const LogNormalizers
     for (int k = 0; k < n_vectors; ++k) {
       const VecF z = load(blocks.scratch + k * kLanes);
       const auto [log_student, log_partial, log_full] = lse.log_probs(blocks, k);
-      const VecF weight = exp(z - shift);
+      const VecF weight = exp2(z - shift);
       const VecI no_weight = weight == splat(0.0f);
       target.sum += weight;
       if constexpr (kKind == Divergence::kForwardKL) target_gap += zero_where(no_weight, weight * (z - log_student));
       if constexpr (kDiagnostics) target_weighted += zero_where(no_weight, weight * z);
       if constexpr (kKind == Divergence::kReverseKL || kDiagnostics) {
-        const VecF p = exp(log_student);
+        const VecF p = exp2(log_student);
         const VecI no_student = p == splat(0.0f);
         if constexpr (kKind == Divergence::kReverseKL) {
           student_gap += zero_where(no_student, p * (log_student - z));
@@ -303,7 +303,7 @@ AROPD_INLINE TargetSummary target_pass(const RowInputs& in, const LogNormalizers
         }
         if constexpr (kDiagnostics) {
           student_weighted += zero_where(no_student, p * log_student);
-          const VecF q_full = exp(log_full);
+          const VecF q_full = exp2(log_full);
           const VecF teacher_gap = log_full - log_partial;
           belief_shift += zero_where(q_full == splat(0.0f), q_full * teacher_gap);
           const VecF gap_size = teacher_gap < splat(0.0f) ? -teacher_gap : teacher_gap;
@@ -315,7 +315,7 @@ AROPD_INLINE TargetSummary target_pass(const RowInputs& in, const LogNormalizers
   const LaneMerge merge(target.max);
   const double target_sum = merge.total(target.sum);
   TargetSummary summary{};
-  summary.log_normalizer = static_cast<float>(merge.max + std::log(target_sum));
+  summary.log_normalizer = static_cast<float>(merge.max + std::log2(target_sum));
   if constexpr (kKind == Divergence::kReverseKL) {
     summary.divergence = sum_lanes(student_gap) + double(summary.log_normalizer) * sum_lanes(student_mass);
   }
@@ -331,9 +331,9 @@ AROPD_INLINE TargetSummary target_pass(const RowInputs& in, const LogNormalizers
   return summary;
 }
 
-// log m = logaddexp(log beta + lq, log(1 - beta) + ls), in float32 log space.
+// log m = logaddexp(log beta + lq, log(1 - beta) + ls), in float32, in bits.
 AROPD_INLINE VecF log_mixture(VecF log_target, VecF log_student, const Settings& settings) {
-  return logaddexp(settings.log_beta + log_target, settings.log_one_minus_beta + log_student);
+  return logaddexp2(settings.log_beta + log_target, settings.log_one_minus_beta + log_student);
 }
 
 struct MixtureDivergences {
@@ -350,7 +350,7 @@ AROPD_INLINE MixtureDivergences jensen_shannon_pass(const RowInputs& in, const L
       const auto [log_student, log_partial, log_full] = lse.log_probs(blocks, k);
       const VecF log_target = anchored_target(log_partial, log_full, settings) - lse_target;
       const VecF log_m = log_mixture(log_target, log_student, settings);
-      const VecF q = exp(log_target), p = exp(log_student);
+      const VecF q = exp2(log_target), p = exp2(log_student);
       target_part += zero_where(q == splat(0.0f), q * (log_target - log_m));
       student_part += zero_where(p == splat(0.0f), p * (log_student - log_m));
     }
@@ -359,10 +359,10 @@ AROPD_INLINE MixtureDivergences jensen_shannon_pass(const RowInputs& in, const L
 }
 
 struct GradientTerms {
-  float lse_target;
+  float lse_target;               // all in bits
   float reverse_offset;           // lse_z - D: p (ls - lq - D) = p ((ls - z) + lse_z - D)
   float student_to_mixture;       // KL(p || m), JSD
-  float coefficient;              // grad_scale / T, times (1 - beta) for JSD
+  float coefficient;              // grad_scale / T (times ln 2, and 1 - beta for JSD)
 };
 
 // Last pass: the gradient of grad_scale * D with respect to the student logits.
@@ -374,12 +374,12 @@ AROPD_INLINE void gradient_pass(const RowInputs& in, const LogNormalizers& lse, 
     for (int k = 0; k < n_vectors; ++k) {
       const auto [log_student, log_partial, log_full] = lse.log_probs(blocks, k);
       const VecF z = anchored_target(log_partial, log_full, settings);
-      const VecF p = exp(log_student);
+      const VecF p = exp2(log_student);
       VecF score;
       if constexpr (kKind == Divergence::kReverseKL) {
         score = zero_where(p == splat(0.0f), p * ((log_student - z) + terms.reverse_offset));
       } else if constexpr (kKind == Divergence::kForwardKL) {
-        score = p - exp(z - terms.lse_target);
+        score = p - exp2(z - terms.lse_target);
       } else {
         const VecF log_m = log_mixture(z - terms.lse_target, log_student, settings);
         score = zero_where(p == splat(0.0f), p * ((log_student - log_m) - terms.student_to_mixture));
@@ -399,28 +399,31 @@ AROPD_INLINE void run_row(const Problem& problem, int64_t row, const Settings& s
   const RowInputs in{row_start(problem.student, row, problem.seq), row_start(problem.partial, row, problem.seq),
                      row_start(problem.full, row, problem.seq),    problem.student.dtype,
                      problem.partial.dtype,                        problem.full.dtype,
-                     problem.vocab,                                1.0f / problem.temperature[row]};
+                     problem.vocab,                                static_cast<float>(kLog2e / double(problem.temperature[row]))};
   const LogNormalizers lse = normalizer_pass(in, blocks);
   const TargetSummary summary = target_pass<kKind, kDiagnostics>(in, lse, settings, blocks);
-  double divergence = summary.divergence;
+  double divergence = summary.divergence;  // in bits
   MixtureDivergences mixture{};
   if constexpr (kKind == Divergence::kJensenShannon) {
     mixture = jensen_shannon_pass(in, lse, summary.log_normalizer, settings, blocks);
     divergence = settings.beta * mixture.target_to_mixture + (1.0 - settings.beta) * mixture.student_to_mixture;
   }
-  problem.row_loss[row] = static_cast<float>(divergence);
+  constexpr double kNatsPerBit = 0.693147180559945309;
+  problem.row_loss[row] = static_cast<float>(divergence * kNatsPerBit);
   if constexpr (kDiagnostics) {
     const int64_t n_rows = problem.batch * problem.seq;
-    problem.diagnostics[row] = static_cast<float>(summary.belief_shift);
-    problem.diagnostics[n_rows + row] = static_cast<float>(summary.clipped_mass);
-    problem.diagnostics[2 * n_rows + row] = static_cast<float>(summary.student_entropy);
-    problem.diagnostics[3 * n_rows + row] = static_cast<float>(summary.target_entropy);
+    problem.diagnostics[row] = static_cast<float>(summary.belief_shift * kNatsPerBit);
+    problem.diagnostics[n_rows + row] = static_cast<float>(summary.clipped_mass);  // a probability mass
+    problem.diagnostics[2 * n_rows + row] = static_cast<float>(summary.student_entropy * kNatsPerBit);
+    problem.diagnostics[3 * n_rows + row] = static_cast<float>(summary.target_entropy * kNatsPerBit);
   }
   if (problem.grad.data == nullptr) return;
-  float coefficient = problem.grad_scale[row] * in.inv_temperature;
-  if constexpr (kKind == Divergence::kJensenShannon) coefficient *= static_cast<float>(1.0 - settings.beta);
+  // grad_scale / T, times ln 2 where the score is a difference of logarithms (taken here in bits).
+  double coefficient = double(problem.grad_scale[row]) / double(problem.temperature[row]);
+  if constexpr (kKind != Divergence::kForwardKL) coefficient *= kNatsPerBit;
+  if constexpr (kKind == Divergence::kJensenShannon) coefficient *= 1.0 - settings.beta;
   const GradientTerms terms{summary.log_normalizer, static_cast<float>(summary.log_normalizer - divergence),
-                            static_cast<float>(mixture.student_to_mixture), coefficient};
+                            static_cast<float>(mixture.student_to_mixture), static_cast<float>(coefficient)};
   char* grad_row = const_cast<char*>(row_start(problem.grad, row, problem.seq));
   gradient_pass<kKind>(in, lse, settings, terms, grad_row, problem.grad.dtype, blocks);
 }
@@ -461,12 +464,12 @@ AROPD_CLONES void process_row(const Problem& problem, int64_t row, const Setting
 void compute_rows(const Problem& problem, int num_threads) {
   Settings settings{};
   settings.lam = problem.lam;
-  settings.clip = problem.clip;
+  settings.clip = problem.clip * kLog2e;
   settings.forbidden_by_full = problem.lam > 0 ? kNegInf : 0.0f;
   settings.beta = problem.beta;
   if (problem.beta > 0.0 && problem.beta < 1.0) {
-    settings.log_beta = static_cast<float>(std::log(problem.beta));
-    settings.log_one_minus_beta = static_cast<float>(std::log1p(-problem.beta));
+    settings.log_beta = static_cast<float>(std::log2(problem.beta));
+    settings.log_one_minus_beta = static_cast<float>(std::log1p(-problem.beta) / std::log(2.0));
   }
   const int64_t n_rows = problem.batch * problem.seq;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)

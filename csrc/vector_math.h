@@ -40,46 +40,47 @@ AROPD_INLINE void store(float* target, VecF value) { std::memcpy(target, &value,
 // probability. A NaN weight is not 0, so NaN still propagates.
 AROPD_INLINE VecF zero_where(VecI mask, VecF value) { return mask ? splat(0.0f) : value; }
 
-// max that keeps NaN (a plain `x > m ? x : m` would drop a NaN and hide it).
-AROPD_INLINE VecF max_keep_nan(VecF running, VecF x) { return (x > running) | (x != x) ? x : running; }
+// Lane-wise max. It drops NaN; online softmax does not need it to keep NaN, because every value
+// also goes through exp(x - max) into the lane's sum, and a NaN there makes the sum NaN. (A
+// NaN-keeping form, `(x > m) | (x != x)`, makes GCC scalarize the select.)
+AROPD_INLINE VecF lane_max(VecF running, VecF x) { return x > running ? x : running; }
 
 // clamp to [-bound, bound] that keeps NaN; bound may be +inf.
 AROPD_INLINE VecF clamp_symmetric(VecF x, float bound) {
   return x < splat(-bound) ? splat(-bound) : (x > splat(bound) ? splat(bound) : x);
 }
 
-// exp(x) with float32 accuracy (about 1 ulp), exact 0 for -inf, +inf on overflow, NaN for NaN, and
-// gradual underflow: 2^n is applied as two factors so that subnormal results round once.
-AROPD_INLINE VecF exp(VecF x) {
-  constexpr float kLowest = -104.0f;  // exp(-104) < 2^-150: rounds to 0
-  constexpr float kHighest = 88.8f;   // exp(88.8) > FLT_MAX: rounds to inf
-  constexpr float kLog2e = 1.44269504088896341f;
-  constexpr float kLn2High = 0.693145751953125f;  // ln 2 split so that n * kLn2High is exact
-  constexpr float kLn2Low = 1.42860682030941723e-6f;
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2 = 0.693147180559945309f;
+
+// 2^x with float32 accuracy (under 1 ulp) for the arguments this kernel has: log-probabilities in
+// bits and differences to a running max, so x <= ~0. Exact 0 for -inf, NaN for NaN. Results below
+// FLT_MIN (x < -126, probabilities under 1.2e-38) are flushed to 0, and x is capped at 127 (the cap
+// never binds here). Base 2 saves the multiplication by log2(e) and the two-part reduction of an exp:
+// r = x - round(x) is exact. The cap is written as `hi < x ? hi : x` so that it compiles to one
+// vminps that keeps NaN; every other step propagates NaN by itself.
+AROPD_INLINE VecF exp2(VecF x) {
+  constexpr float kLowest = -126.0f;  // below: the result would be subnormal
+  constexpr float kHighest = 127.0f;
   constexpr float kRoundToInt = 12582912.0f;  // 1.5 * 2^23: adding and subtracting rounds to an integer
-  const VecF clamped = x < splat(kLowest) ? splat(kLowest) : (x > splat(kHighest) ? splat(kHighest) : x);
-  const VecF n = (clamped * kLog2e + kRoundToInt) - kRoundToInt;
-  const VecF r = (clamped - n * kLn2High) - n * kLn2Low;  // |r| <= ln2 / 2
-  // Taylor polynomial of degree 7: truncation error below 6e-9 on |r| <= ln2 / 2.
-  VecF poly = splat(1.0f / 5040.0f);
-  poly = poly * r + 1.0f / 720.0f;
-  poly = poly * r + 1.0f / 120.0f;
-  poly = poly * r + 1.0f / 24.0f;
-  poly = poly * r + 1.0f / 6.0f;
-  poly = poly * r + 0.5f;
+  const VecF capped = splat(kHighest) < x ? splat(kHighest) : x;
+  const VecF n = (capped + kRoundToInt) - kRoundToInt;
+  const VecF r = capped - n;  // in [-1/2, 1/2], exact
+  // Degree-6 fit of 2^r on [-1/2, 1/2] (Chebyshev interpolation): 0.7e-7 relative error in float32.
+  VecF poly = splat(1.5461444854736328e-4f);
+  poly = poly * r + 1.3400427997112274e-3f;
+  poly = poly * r + 9.618056938052177e-3f;
+  poly = poly * r + 5.550327152013779e-2f;
+  poly = poly * r + 2.4022650718688965e-1f;
+  poly = poly * r + 6.931471824645996e-1f;
   poly = poly * r + 1.0f;
-  poly = poly * r + 1.0f;
-  const VecI exponent = __builtin_convertvector(n, VecI);  // in [-150, 128]
-  const VecI half = exponent >> 1;
-  const VecF scale_a = (VecF)((half + 127) << 23);
-  const VecF scale_b = (VecF)((exponent - half + 127) << 23);
-  const VecF result = (poly * scale_a) * scale_b;
-  return x != x ? x : (x < splat(kLowest) ? splat(0.0f) : result);
+  const VecF scale = (VecF)((__builtin_convertvector(n, VecI) + 127) << 23);  // 2^n, n in [-126, 127]
+  return x < splat(kLowest) ? splat(0.0f) : poly * scale;
 }
 
-// log(1 + t) for t in [0, 1] via 2 atanh(t / (2 + t)); the series is truncated after s^13, an error
-// below 2e-8 relative. NaN propagates.
-AROPD_INLINE VecF log1p_unit(VecF t) {
+// log2(1 + t) for t in [0, 1] via 2 atanh(t / (2 + t)) / ln 2; the series is truncated after s^13,
+// an error below 2e-8 relative. NaN propagates.
+AROPD_INLINE VecF log2_1p_unit(VecF t) {
   const VecF s = t / (t + 2.0f);
   const VecF s2 = s * s;
   VecF poly = splat(1.0f / 13.0f);
@@ -89,16 +90,16 @@ AROPD_INLINE VecF log1p_unit(VecF t) {
   poly = poly * s2 + 1.0f / 5.0f;
   poly = poly * s2 + 1.0f / 3.0f;
   poly = poly * s2 + 1.0f;
-  return 2.0f * s * poly;
+  return (2.0f * kLog2e) * s * poly;
 }
 
-// log(e^x + e^y) in float32 from float32 log-probabilities (never in probability space, see
+// log2(2^x + 2^y) in float32 from float32 log-probabilities in bits (never in probability space, see
 // Liger-Kernel issue 769); -inf when both are -inf, NaN when either is NaN.
-AROPD_INLINE VecF logaddexp(VecF x, VecF y) {
+AROPD_INLINE VecF logaddexp2(VecF x, VecF y) {
   const VecF larger = x > y ? x : y;
   const VecF gap = x - y;
   const VecF magnitude = gap < splat(0.0f) ? -gap : gap;
-  const VecF result = larger + log1p_unit(exp(-magnitude));
+  const VecF result = larger + log2_1p_unit(exp2(-magnitude));
   return larger == splat(kNegInf) ? splat(kNegInf) : result;
 }
 

@@ -11,16 +11,16 @@ namespace py = pybind11;
 
 namespace {
 
-// (address, dtype code, stride of the batch dimension, stride of the sequence dimension)
-using ViewArgument = std::tuple<std::uintptr_t, int, std::int64_t, std::int64_t>;
+// (address, dtype code, T, stride of the batch dimension, stride of the sequence dimension)
+using ViewArgument = std::tuple<std::uintptr_t, int, std::int64_t, std::int64_t, std::int64_t>;
 
 aropd::RowsView to_view(const ViewArgument& argument) {
-  const auto& [address, dtype, stride_batch, stride_seq] = argument;
-  return {reinterpret_cast<const void*>(address), dtype, stride_batch, stride_seq};
+  const auto& [address, dtype, seq, stride_batch, stride_seq] = argument;
+  return {reinterpret_cast<const void*>(address), dtype, seq, stride_batch, stride_seq};
 }
 
 void compute_rows(const ViewArgument& student, const ViewArgument& partial, const ViewArgument& full,
-                  const ViewArgument& grad, std::int64_t batch, std::int64_t seq, std::int64_t vocab,
+                  const ViewArgument& grad, std::int64_t n_rows, std::int64_t vocab,
                   std::uintptr_t temperature, std::uintptr_t active, std::uintptr_t grad_scale,
                   std::uintptr_t row_loss, std::uintptr_t diagnostics, double lam, double clip, double beta,
                   int num_threads) {
@@ -29,8 +29,7 @@ void compute_rows(const ViewArgument& student, const ViewArgument& partial, cons
   problem.partial = to_view(partial);
   problem.full = to_view(full);
   problem.grad = to_view(grad);
-  problem.batch = batch;
-  problem.seq = seq;
+  problem.n_rows = n_rows;
   problem.vocab = vocab;
   problem.temperature = reinterpret_cast<const float*>(temperature);
   problem.active = reinterpret_cast<const bool*>(active);
@@ -52,6 +51,13 @@ PYBIND11_MODULE(_native, module) {
   module.attr("FLOAT16") = static_cast<int>(aropd::kFloat16);
   module.def("compute_rows", &compute_rows, py::call_guard<py::gil_scoped_release>(),
              "Runs the per-row contract on raw buffers; address 0 for grad or diagnostics means 'not asked'.");
+  module.def(
+      "convert",
+      [](std::uintptr_t source, int source_dtype, std::uintptr_t target, int target_dtype, std::int64_t count) {
+        aropd::convert(reinterpret_cast<const void*>(source), source_dtype, reinterpret_cast<void*>(target),
+                       target_dtype, count);
+      },
+      "Test hook: converts count contiguous values with the kernel's load and store code.");
   module.def("instruction_set", &aropd::instruction_set,
              "The instruction set the row kernel dispatches to on this CPU.");
 }

@@ -9,10 +9,6 @@
 // gradient (4). Each sweep walks the row in blocks of kBlock elements: the three inputs are converted
 // to float32 (already divided by T) into L1-resident buffers, and the math runs on 16-lane vectors.
 // Online softmax rescales once per block, so it costs one exp per element, not two.
-//
-// Inside, every logarithm is in bits (base 2): the inputs are multiplied by log2(e) / T as they are
-// loaded, so that each exponential is a 2^x (see vector_math.h); results are converted back to nats
-// (times ln 2) when they are written.
 #include "row_kernel.h"
 
 #include <algorithm>
@@ -41,8 +37,8 @@ enum class Divergence { kReverseKL, kForwardKL, kJensenShannon };
 int64_t element_size(int dtype) { return dtype == kFloat32 ? 4 : 2; }
 
 // 64-bit element offsets: b * stride_batch + t * stride_seq may exceed 2^31.
-const char* row_start(const RowsView& view, int64_t row, int64_t seq) {
-  const int64_t b = row / seq, t = row % seq;
+const char* row_start(const RowsView& view, int64_t row) {
+  const int64_t b = row / view.seq, t = row % view.seq;
   const int64_t offset = b * view.stride_batch + t * view.stride_seq;
   return static_cast<const char*>(view.data) + offset * element_size(view.dtype);
 }
@@ -72,14 +68,14 @@ AROPD_INLINE void store_vector(unsigned char* target, VecF value) {
   }
 }
 
-// Reads count logits, converts them to float32 times scale (log2(e) / T) and pads the last vector with
+// Reads count logits, converts them to float32 times inv_temperature and pads the last vector with
 // -inf, which every later step treats as a token of probability 0.
 template <int kDType>
-AROPD_INLINE void load_block_as(const unsigned char* source, int count, float scale, float* out) {
+AROPD_INLINE void load_block_as(const unsigned char* source, int count, float inv_temperature, float* out) {
   constexpr int kWidth = kDType == kFloat32 ? 4 : 2;
   const int whole = count / kLanes, tail = count % kLanes;
   for (int k = 0; k < whole; ++k) {
-    store(out + k * kLanes, load_vector<kDType>(source + k * kLanes * kWidth) * scale);
+    store(out + k * kLanes, load_vector<kDType>(source + k * kLanes * kWidth) * inv_temperature);
   }
   if (tail) {
     alignas(64) unsigned char padded[kLanes * kWidth];
@@ -90,17 +86,17 @@ AROPD_INLINE void load_block_as(const unsigned char* source, int count, float sc
                                                             : static_cast<const void*>(&neg_inf_bits), kWidth);
     }
     std::memcpy(padded, source + whole * kLanes * kWidth, tail * kWidth);
-    store(out + whole * kLanes, load_vector<kDType>(padded) * scale);
+    store(out + whole * kLanes, load_vector<kDType>(padded) * inv_temperature);
   }
 }
 
-AROPD_INLINE void load_block(const char* row, int dtype, int64_t start, int count, float scale,
+AROPD_INLINE void load_block(const char* row, int dtype, int64_t start, int count, float inv_temperature,
                              float* out) {
   const auto* source = reinterpret_cast<const unsigned char*>(row) + start * element_size(dtype);
   switch (dtype) {
-    case kFloat32: return load_block_as<kFloat32>(source, count, scale, out);
-    case kBFloat16: return load_block_as<kBFloat16>(source, count, scale, out);
-    default: return load_block_as<kFloat16>(source, count, scale, out);
+    case kFloat32: return load_block_as<kFloat32>(source, count, inv_temperature, out);
+    case kBFloat16: return load_block_as<kBFloat16>(source, count, inv_temperature, out);
+    default: return load_block_as<kFloat16>(source, count, inv_temperature, out);
   }
 }
 
@@ -140,21 +136,21 @@ struct RowInputs {
   const char* full;
   int student_dtype, partial_dtype, full_dtype;
   int64_t vocab;
-  float scale;  // log2(e) / T: logits in bits
+  float inv_temperature;  // 1 / T in float32, as the reference multiplies
 
   int count_at(int64_t start) const { return static_cast<int>(std::min<int64_t>(kBlock, vocab - start)); }
 
   // Loads the block at start of all three inputs; returns its number of vectors.
   AROPD_INLINE int load(int64_t start, Blocks& blocks) const {
     const int count = count_at(start);
-    load_block(student, student_dtype, start, count, scale, blocks.student);
-    load_block(partial, partial_dtype, start, count, scale, blocks.partial);
-    load_block(full, full_dtype, start, count, scale, blocks.full);
+    load_block(student, student_dtype, start, count, inv_temperature, blocks.student);
+    load_block(partial, partial_dtype, start, count, inv_temperature, blocks.partial);
+    load_block(full, full_dtype, start, count, inv_temperature, blocks.full);
     return (count + kLanes - 1) / kLanes;
   }
 };
 
-// Per-lane online log-sum-exp (base 2): the running max and the sum of 2^(x - max) of each lane.
+// Per-lane online log-sum-exp: the running max and the sum of exp(x - max) of each lane.
 struct LaneLogSumExp {
   VecF max = splat(kNegInf);
   VecF sum = splat(0.0f);
@@ -165,7 +161,7 @@ struct LaneLogSumExp {
   AROPD_INLINE VecF rebase(VecF block_max, VecF& shift) {
     const VecF new_max = lane_max(max, block_max);
     shift = new_max == splat(kNegInf) ? splat(0.0f) : new_max;
-    const VecF rescale = exp2(max - shift);
+    const VecF rescale = exp_flushed(max - shift);
     sum *= rescale;
     max = new_max;
     return rescale;
@@ -177,9 +173,18 @@ struct LaneLogSumExp {
     VecF shift;
     rebase(block_max, shift);
     VecF block_sum = splat(0.0f);
-    for (int k = 0; k < n_vectors; ++k) block_sum += exp2(aropd::load(values + k * kLanes) - shift);
+    for (int k = 0; k < n_vectors; ++k) block_sum += exp_flushed(aropd::load(values + k * kLanes) - shift);
     sum += block_sum;
   }
+};
+
+// A logsumexp kept as max + log(sum): x - lse is formed as (x - max) - log_sum, so the log-probability
+// of a token near the max keeps its precision (lse itself would be rounded at the ulp of the max).
+struct LogNormalizer {
+  float max, log_sum;
+
+  AROPD_INLINE VecF log_prob(VecF x) const { return (x - max) - log_sum; }
+  double value() const { return double(max) + double(log_sum); }
 };
 
 // Carries per-lane sums taken relative to each lane's max over to the row's max M.
@@ -191,7 +196,7 @@ struct LaneMerge {
     max = -INFINITY;
     for (int lane = 0; lane < kLanes; ++lane) max = std::max<double>(max, lane_maxima[lane]);
     for (int lane = 0; lane < kLanes; ++lane) {
-      weight[lane] = lane_maxima[lane] == kNegInf ? 0.0 : std::exp2(lane_maxima[lane] - max);
+      weight[lane] = lane_maxima[lane] == kNegInf ? 0.0 : std::exp(lane_maxima[lane] - max);
     }
   }
 
@@ -201,7 +206,9 @@ struct LaneMerge {
     return sum;
   }
 
-  double log_sum_exp(VecF lane_sum) const { return max + std::log2(total(lane_sum)); }
+  LogNormalizer log_normalizer(VecF lane_sum) const {
+    return {static_cast<float>(max), static_cast<float>(std::log(total(lane_sum)))};
+  }
 };
 
 double sum_lanes(VecF values) {
@@ -211,11 +218,10 @@ double sum_lanes(VecF values) {
 }
 
 struct Settings {
-  float lam;
-  float clip;  // in bits
+  float lam, clip;
   float forbidden_by_full;  // lam * r where r = -inf: -inf for lam > 0, 0 for lam = 0 (never 0 * inf)
   double beta;
-  float log_beta, log_one_minus_beta;  // JSD mixture weights, in bits
+  float log_beta, log_one_minus_beta;  // JSD mixture weights, in log space
 };
 
 // z = la + lam * clamp(lf - la, -c, c) with the -inf conventions of reference._scaled_residual.
@@ -227,7 +233,7 @@ AROPD_INLINE VecF anchored_target(VecF log_partial, VecF log_full, const Setting
 }
 
 struct LogNormalizers {
-  float student, partial, full;
+  LogNormalizer student, partial, full;
 
   struct LogProbs {
     VecF student, partial, full;
@@ -235,8 +241,8 @@ struct LogNormalizers {
 
   // ls, la, lf of the k-th vector of the loaded block.
   AROPD_INLINE LogProbs log_probs(const Blocks& blocks, int k) const {
-    return {load(blocks.student + k * kLanes) - student, load(blocks.partial + k * kLanes) - partial,
-            load(blocks.full + k * kLanes) - full};
+    return {student.log_prob(load(blocks.student + k * kLanes)), partial.log_prob(load(blocks.partial + k * kLanes)),
+            full.log_prob(load(blocks.full + k * kLanes))};
   }
 };
 
@@ -249,13 +255,12 @@ AROPD_INLINE LogNormalizers normalizer_pass(const RowInputs& in, Blocks& blocks)
     partial.add_block(blocks.partial, n_vectors);
     full.add_block(blocks.full, n_vectors);
   }
-  return {static_cast<float>(LaneMerge(student.max).log_sum_exp(student.sum)),
-          static_cast<float>(LaneMerge(partial.max).log_sum_exp(partial.sum)),
-          static_cast<float>(LaneMerge(full.max).log_sum_exp(full.sum))};
+  return {LaneMerge(student.max).log_normalizer(student.sum), LaneMerge(partial.max).log_normalizer(partial.sum),
+          LaneMerge(full.max).log_normalizer(full.sum)};
 }
 
 struct TargetSummary {
-  float log_normalizer;  // logsumexp(z)
+  LogNormalizer target;  // logsumexp(z)
   double divergence;     // reverse or forward KL (JSD: computed by jensen_shannon_pass)
   double belief_shift, clipped_mass, student_entropy, target_entropy;
 };
@@ -289,13 +294,13 @@ AROPD_INLINE TargetSummary target_pass(const RowInputs& in, const LogNormalizers
     for (int k = 0; k < n_vectors; ++k) {
       const VecF z = load(blocks.scratch + k * kLanes);
       const auto [log_student, log_partial, log_full] = lse.log_probs(blocks, k);
-      const VecF weight = exp2(z - shift);
+      const VecF weight = exp(z - shift);
       const VecI no_weight = weight == splat(0.0f);
       target.sum += weight;
       if constexpr (kKind == Divergence::kForwardKL) target_gap += zero_where(no_weight, weight * (z - log_student));
       if constexpr (kDiagnostics) target_weighted += zero_where(no_weight, weight * z);
       if constexpr (kKind == Divergence::kReverseKL || kDiagnostics) {
-        const VecF p = exp2(log_student);
+        const VecF p = exp(log_student);
         const VecI no_student = p == splat(0.0f);
         if constexpr (kKind == Divergence::kReverseKL) {
           student_gap += zero_where(no_student, p * (log_student - z));
@@ -303,7 +308,7 @@ AROPD_INLINE TargetSummary target_pass(const RowInputs& in, const LogNormalizers
         }
         if constexpr (kDiagnostics) {
           student_weighted += zero_where(no_student, p * log_student);
-          const VecF q_full = exp2(log_full);
+          const VecF q_full = exp(log_full);
           const VecF teacher_gap = log_full - log_partial;
           belief_shift += zero_where(q_full == splat(0.0f), q_full * teacher_gap);
           const VecF gap_size = teacher_gap < splat(0.0f) ? -teacher_gap : teacher_gap;
@@ -315,25 +320,25 @@ AROPD_INLINE TargetSummary target_pass(const RowInputs& in, const LogNormalizers
   const LaneMerge merge(target.max);
   const double target_sum = merge.total(target.sum);
   TargetSummary summary{};
-  summary.log_normalizer = static_cast<float>(merge.max + std::log2(target_sum));
+  summary.target = merge.log_normalizer(target.sum);
   if constexpr (kKind == Divergence::kReverseKL) {
-    summary.divergence = sum_lanes(student_gap) + double(summary.log_normalizer) * sum_lanes(student_mass);
+    summary.divergence = sum_lanes(student_gap) + summary.target.value() * sum_lanes(student_mass);
   }
   if constexpr (kKind == Divergence::kForwardKL) {
-    summary.divergence = merge.total(target_gap) / target_sum - summary.log_normalizer;
+    summary.divergence = merge.total(target_gap) / target_sum - summary.target.value();
   }
   if constexpr (kDiagnostics) {
     summary.belief_shift = sum_lanes(belief_shift);
     summary.clipped_mass = sum_lanes(clipped_mass);
     summary.student_entropy = -sum_lanes(student_weighted);
-    summary.target_entropy = summary.log_normalizer - merge.total(target_weighted) / target_sum;
+    summary.target_entropy = summary.target.value() - merge.total(target_weighted) / target_sum;
   }
   return summary;
 }
 
-// log m = logaddexp(log beta + lq, log(1 - beta) + ls), in float32, in bits.
+// log m = logaddexp(log beta + lq, log(1 - beta) + ls), in float32 log space.
 AROPD_INLINE VecF log_mixture(VecF log_target, VecF log_student, const Settings& settings) {
-  return logaddexp2(settings.log_beta + log_target, settings.log_one_minus_beta + log_student);
+  return logaddexp(settings.log_beta + log_target, settings.log_one_minus_beta + log_student);
 }
 
 struct MixtureDivergences {
@@ -341,16 +346,17 @@ struct MixtureDivergences {
 };
 
 // Pass 3 of JSD: both divergences from the mixture, which need the final log q.
-AROPD_INLINE MixtureDivergences jensen_shannon_pass(const RowInputs& in, const LogNormalizers& lse, float lse_target,
+AROPD_INLINE MixtureDivergences jensen_shannon_pass(const RowInputs& in, const LogNormalizers& lse,
+                                                    const LogNormalizer& lse_target,
                                                     const Settings& settings, Blocks& blocks) {
   VecF target_part = splat(0.0f), student_part = splat(0.0f);
   for (int64_t start = 0; start < in.vocab; start += kBlock) {
     const int n_vectors = in.load(start, blocks);
     for (int k = 0; k < n_vectors; ++k) {
       const auto [log_student, log_partial, log_full] = lse.log_probs(blocks, k);
-      const VecF log_target = anchored_target(log_partial, log_full, settings) - lse_target;
+      const VecF log_target = lse_target.log_prob(anchored_target(log_partial, log_full, settings));
       const VecF log_m = log_mixture(log_target, log_student, settings);
-      const VecF q = exp2(log_target), p = exp2(log_student);
+      const VecF q = exp_flushed(log_target), p = exp_flushed(log_student);  // JSD is finite: no 0 * inf
       target_part += zero_where(q == splat(0.0f), q * (log_target - log_m));
       student_part += zero_where(p == splat(0.0f), p * (log_student - log_m));
     }
@@ -359,10 +365,10 @@ AROPD_INLINE MixtureDivergences jensen_shannon_pass(const RowInputs& in, const L
 }
 
 struct GradientTerms {
-  float lse_target;               // all in bits
+  LogNormalizer lse_target;
   float reverse_offset;           // lse_z - D: p (ls - lq - D) = p ((ls - z) + lse_z - D)
   float student_to_mixture;       // KL(p || m), JSD
-  float coefficient;              // grad_scale / T (times ln 2, and 1 - beta for JSD)
+  float coefficient;              // grad_scale / T, times (1 - beta) for JSD
 };
 
 // Last pass: the gradient of grad_scale * D with respect to the student logits.
@@ -374,14 +380,14 @@ AROPD_INLINE void gradient_pass(const RowInputs& in, const LogNormalizers& lse, 
     for (int k = 0; k < n_vectors; ++k) {
       const auto [log_student, log_partial, log_full] = lse.log_probs(blocks, k);
       const VecF z = anchored_target(log_partial, log_full, settings);
-      const VecF p = exp2(log_student);
+      const VecF p = exp_flushed(log_student);  // a p below 1e-38 adds nothing to a gradient
       VecF score;
       if constexpr (kKind == Divergence::kReverseKL) {
         score = zero_where(p == splat(0.0f), p * ((log_student - z) + terms.reverse_offset));
       } else if constexpr (kKind == Divergence::kForwardKL) {
-        score = p - exp2(z - terms.lse_target);
+        score = p - exp_flushed(terms.lse_target.log_prob(z));
       } else {
-        const VecF log_m = log_mixture(z - terms.lse_target, log_student, settings);
+        const VecF log_m = log_mixture(terms.lse_target.log_prob(z), log_student, settings);
         score = zero_where(p == splat(0.0f), p * ((log_student - log_m) - terms.student_to_mixture));
       }
       store(blocks.scratch + k * kLanes, score * terms.coefficient);
@@ -396,35 +402,32 @@ void write_zero_gradient(char* grad_row, int dtype, int64_t vocab) {
 
 template <Divergence kKind, bool kDiagnostics>
 AROPD_INLINE void run_row(const Problem& problem, int64_t row, const Settings& settings, Blocks& blocks) {
-  const RowInputs in{row_start(problem.student, row, problem.seq), row_start(problem.partial, row, problem.seq),
-                     row_start(problem.full, row, problem.seq),    problem.student.dtype,
+  const RowInputs in{row_start(problem.student, row), row_start(problem.partial, row),
+                     row_start(problem.full, row),    problem.student.dtype,
                      problem.partial.dtype,                        problem.full.dtype,
-                     problem.vocab,                                static_cast<float>(kLog2e / double(problem.temperature[row]))};
+                     problem.vocab,                                1.0f / problem.temperature[row]};
   const LogNormalizers lse = normalizer_pass(in, blocks);
   const TargetSummary summary = target_pass<kKind, kDiagnostics>(in, lse, settings, blocks);
-  double divergence = summary.divergence;  // in bits
+  double divergence = summary.divergence;
   MixtureDivergences mixture{};
   if constexpr (kKind == Divergence::kJensenShannon) {
-    mixture = jensen_shannon_pass(in, lse, summary.log_normalizer, settings, blocks);
+    mixture = jensen_shannon_pass(in, lse, summary.target, settings, blocks);
     divergence = settings.beta * mixture.target_to_mixture + (1.0 - settings.beta) * mixture.student_to_mixture;
   }
-  constexpr double kNatsPerBit = 0.693147180559945309;
-  problem.row_loss[row] = static_cast<float>(divergence * kNatsPerBit);
+  problem.row_loss[row] = static_cast<float>(divergence);
   if constexpr (kDiagnostics) {
-    const int64_t n_rows = problem.batch * problem.seq;
-    problem.diagnostics[row] = static_cast<float>(summary.belief_shift * kNatsPerBit);
-    problem.diagnostics[n_rows + row] = static_cast<float>(summary.clipped_mass);  // a probability mass
-    problem.diagnostics[2 * n_rows + row] = static_cast<float>(summary.student_entropy * kNatsPerBit);
-    problem.diagnostics[3 * n_rows + row] = static_cast<float>(summary.target_entropy * kNatsPerBit);
+    const int64_t n_rows = problem.n_rows;
+    problem.diagnostics[row] = static_cast<float>(summary.belief_shift);
+    problem.diagnostics[n_rows + row] = static_cast<float>(summary.clipped_mass);
+    problem.diagnostics[2 * n_rows + row] = static_cast<float>(summary.student_entropy);
+    problem.diagnostics[3 * n_rows + row] = static_cast<float>(summary.target_entropy);
   }
   if (problem.grad.data == nullptr) return;
-  // grad_scale / T, times ln 2 where the score is a difference of logarithms (taken here in bits).
-  double coefficient = double(problem.grad_scale[row]) / double(problem.temperature[row]);
-  if constexpr (kKind != Divergence::kForwardKL) coefficient *= kNatsPerBit;
-  if constexpr (kKind == Divergence::kJensenShannon) coefficient *= 1.0 - settings.beta;
-  const GradientTerms terms{summary.log_normalizer, static_cast<float>(summary.log_normalizer - divergence),
-                            static_cast<float>(mixture.student_to_mixture), static_cast<float>(coefficient)};
-  char* grad_row = const_cast<char*>(row_start(problem.grad, row, problem.seq));
+  float coefficient = problem.grad_scale[row] * in.inv_temperature;
+  if constexpr (kKind == Divergence::kJensenShannon) coefficient *= static_cast<float>(1.0 - settings.beta);
+  const GradientTerms terms{summary.target, static_cast<float>(summary.target.value() - divergence),
+                            static_cast<float>(mixture.student_to_mixture), coefficient};
+  char* grad_row = const_cast<char*>(row_start(problem.grad, row));
   gradient_pass<kKind>(in, lse, settings, terms, grad_row, problem.grad.dtype, blocks);
 }
 
@@ -441,10 +444,10 @@ AROPD_CLONES void process_row(const Problem& problem, int64_t row, const Setting
   if (!problem.active[row]) {  // skipped: zeros and no other work
     problem.row_loss[row] = 0.0f;
     if (problem.diagnostics != nullptr) {
-      for (int k = 0; k < 4; ++k) problem.diagnostics[k * problem.batch * problem.seq + row] = 0.0f;
+      for (int k = 0; k < 4; ++k) problem.diagnostics[k * problem.n_rows + row] = 0.0f;
     }
     if (problem.grad.data != nullptr) {
-      write_zero_gradient(const_cast<char*>(row_start(problem.grad, row, problem.seq)), problem.grad.dtype,
+      write_zero_gradient(const_cast<char*>(row_start(problem.grad, row)), problem.grad.dtype,
                           problem.vocab);
     }
     return;
@@ -459,19 +462,33 @@ AROPD_CLONES void process_row(const Problem& problem, int64_t row, const Setting
   }
 }
 
+AROPD_CLONES void convert_block(const char* source, int source_dtype, char* target, int target_dtype, int64_t start,
+                                int count) {
+  alignas(64) float values[kBlock];
+  load_block(source, source_dtype, start, count, 1.0f, values);
+  store_block(values, start, count, target, target_dtype);
+}
+
 }  // namespace
+
+void convert(const void* source, int source_dtype, void* target, int target_dtype, int64_t count) {
+  for (int64_t start = 0; start < count; start += kBlock) {
+    convert_block(static_cast<const char*>(source), source_dtype, static_cast<char*>(target), target_dtype, start,
+                  static_cast<int>(std::min<int64_t>(kBlock, count - start)));
+  }
+}
 
 void compute_rows(const Problem& problem, int num_threads) {
   Settings settings{};
   settings.lam = problem.lam;
-  settings.clip = problem.clip * kLog2e;
+  settings.clip = problem.clip;
   settings.forbidden_by_full = problem.lam > 0 ? kNegInf : 0.0f;
   settings.beta = problem.beta;
   if (problem.beta > 0.0 && problem.beta < 1.0) {
-    settings.log_beta = static_cast<float>(std::log2(problem.beta));
-    settings.log_one_minus_beta = static_cast<float>(std::log1p(-problem.beta) / std::log(2.0));
+    settings.log_beta = static_cast<float>(std::log(problem.beta));
+    settings.log_one_minus_beta = static_cast<float>(std::log1p(-problem.beta));
   }
-  const int64_t n_rows = problem.batch * problem.seq;
+  const int64_t n_rows = problem.n_rows;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
   for (int64_t row = 0; row < n_rows; ++row) process_row(problem, row, settings);
 }

@@ -11,10 +11,13 @@ namespace aropd {
 
 enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
-// A [B, T, V] view with unit stride in V: row (b, t) starts at data + b * stride_batch + t * stride_seq.
+// A [B, T, V] view with unit stride in V: row i is (b, t) = (i / T, i % T) of this view and starts
+// at data + b * stride_batch + t * stride_seq. The views of one problem share N = B * T and V, not
+// necessarily B and T (a contiguous [6, V] tensor and a [2, 3, V] slice are both N = 6 rows).
 struct RowsView {
   const void* data;
   int dtype;
+  int64_t seq;  // T
   int64_t stride_batch;
   int64_t stride_seq;
 };
@@ -22,7 +25,7 @@ struct RowsView {
 struct Problem {
   RowsView student, partial, full;
   RowsView grad;  // data == nullptr: no gradient; otherwise written, in the student's dtype
-  int64_t batch, seq, vocab;
+  int64_t n_rows, vocab;
   const float* temperature;  // [N], every entry > 0
   const bool* active;        // [N]
   const float* grad_scale;   // [N]; used when grad.data != nullptr
@@ -34,6 +37,9 @@ struct Problem {
 
 // Runs every row of the problem on num_threads OpenMP threads.
 void compute_rows(const Problem& problem, int num_threads);
+
+// Converts count values between dtypes with the kernel's own load and store paths (for tests).
+void convert(const void* source, int source_dtype, void* target, int target_dtype, int64_t count);
 
 // The instruction set the row kernel dispatches to on this CPU ("x86-64-v4", "x86-64-v3", "baseline").
 std::string instruction_set();

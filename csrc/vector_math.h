@@ -50,37 +50,57 @@ AROPD_INLINE VecF clamp_symmetric(VecF x, float bound) {
   return x < splat(-bound) ? splat(-bound) : (x > splat(bound) ? splat(bound) : x);
 }
 
-constexpr float kLog2e = 1.44269504088896341f;
-constexpr float kLn2 = 0.693147180559945309f;
+// e^r - 1 + 1 for |r| <= ln2 / 2, and n = round(x / ln 2) with r = x - n ln 2 (Cody-Waite: ln 2 in two
+// parts, so r is accurate with or without FMA). e^r is formed as 1 + (r + r^2 P(r)) with P the Taylor
+// series to r^5 (truncation below 6e-9): the final addition rounds once, so results near 1 (the
+// probabilities of confident tokens) are within about half an ulp.
+struct ExpParts {
+  VecF mantissa;  // e^r in [0.7, 1.42]
+  VecI exponent;  // n
+};
 
-// 2^x with float32 accuracy (under 1 ulp) for the arguments this kernel has: log-probabilities in
-// bits and differences to a running max, so x <= ~0. Exact 0 for -inf, NaN for NaN. Results below
-// FLT_MIN (x < -126, probabilities under 1.2e-38) are flushed to 0, and x is capped at 127 (the cap
-// never binds here). Base 2 saves the multiplication by log2(e) and the two-part reduction of an exp:
-// r = x - round(x) is exact. The cap is written as `hi < x ? hi : x` so that it compiles to one
-// vminps that keeps NaN; every other step propagates NaN by itself.
-AROPD_INLINE VecF exp2(VecF x) {
-  constexpr float kLowest = -126.0f;  // below: the result would be subnormal
-  constexpr float kHighest = 127.0f;
+AROPD_INLINE ExpParts exp_parts(VecF x) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  constexpr float kLn2High = 0.693145751953125f;  // few mantissa bits: n * kLn2High is exact
+  constexpr float kLn2Low = 1.42860682030941723e-6f;
   constexpr float kRoundToInt = 12582912.0f;  // 1.5 * 2^23: adding and subtracting rounds to an integer
-  const VecF capped = splat(kHighest) < x ? splat(kHighest) : x;
-  const VecF n = (capped + kRoundToInt) - kRoundToInt;
-  const VecF r = capped - n;  // in [-1/2, 1/2], exact
-  // Degree-6 fit of 2^r on [-1/2, 1/2] (Chebyshev interpolation): 0.7e-7 relative error in float32.
-  VecF poly = splat(1.5461444854736328e-4f);
-  poly = poly * r + 1.3400427997112274e-3f;
-  poly = poly * r + 9.618056938052177e-3f;
-  poly = poly * r + 5.550327152013779e-2f;
-  poly = poly * r + 2.4022650718688965e-1f;
-  poly = poly * r + 6.931471824645996e-1f;
-  poly = poly * r + 1.0f;
-  const VecF scale = (VecF)((__builtin_convertvector(n, VecI) + 127) << 23);  // 2^n, n in [-126, 127]
-  return x < splat(kLowest) ? splat(0.0f) : poly * scale;
+  const VecF n = (x * kLog2e + kRoundToInt) - kRoundToInt;
+  const VecF r = (x - n * kLn2High) - n * kLn2Low;
+  VecF series = splat(1.0f / 5040.0f);
+  series = series * r + 1.0f / 720.0f;
+  series = series * r + 1.0f / 120.0f;
+  series = series * r + 1.0f / 24.0f;
+  series = series * r + 1.0f / 6.0f;
+  series = series * r + 0.5f;
+  const VecF expm1 = (r * r) * series + r;
+  return {expm1 + 1.0f, __builtin_convertvector(n, VecI)};
 }
 
-// log2(1 + t) for t in [0, 1] via 2 atanh(t / (2 + t)) / ln 2; the series is truncated after s^13,
-// an error below 2e-8 relative. NaN propagates.
-AROPD_INLINE VecF log2_1p_unit(VecF t) {
+AROPD_INLINE VecF pow2(VecI exponent) { return (VecF)((exponent + 127) << 23); }
+
+// exp(x) with float32 accuracy and gradual underflow, so that a probability is 0 exactly when float32
+// says so (it decides whether a divergence is +inf). -inf gives 0, NaN gives NaN; x is capped at 88
+// (the arguments here are log-probabilities, <= ~0, so the cap never binds). The caps are written as
+// `c < x ? c : x` and `x < c ? c : x`, which compile to vminps / vmaxps that keep a NaN x.
+AROPD_INLINE VecF exp(VecF x) {
+  VecF capped = splat(88.0f) < x ? splat(88.0f) : x;
+  capped = capped < splat(-104.0f) ? splat(-104.0f) : capped;  // exp(-104) < 2^-150 rounds to 0
+  const ExpParts parts = exp_parts(capped);
+  const VecI half = parts.exponent >> 1;  // 2^n as two factors: subnormal results round once
+  return (parts.mantissa * pow2(half)) * pow2(parts.exponent - half);
+}
+
+// exp(x) flushed to 0 below FLT_MIN (x < -87.33): for the sums behind a log-normalizer, where terms
+// 10^-38 times the largest one cannot matter. Otherwise as exp, and cheaper.
+AROPD_INLINE VecF exp_flushed(VecF x) {
+  const VecF capped = splat(88.0f) < x ? splat(88.0f) : x;
+  const ExpParts parts = exp_parts(capped);
+  return x < splat(-87.33f) ? splat(0.0f) : parts.mantissa * pow2(parts.exponent);
+}
+
+// log(1 + t) for t in [0, 1] via 2 atanh(t / (2 + t)); the series is truncated after s^13, an error
+// below 2e-8 relative. NaN propagates.
+AROPD_INLINE VecF log1p_unit(VecF t) {
   const VecF s = t / (t + 2.0f);
   const VecF s2 = s * s;
   VecF poly = splat(1.0f / 13.0f);
@@ -90,16 +110,16 @@ AROPD_INLINE VecF log2_1p_unit(VecF t) {
   poly = poly * s2 + 1.0f / 5.0f;
   poly = poly * s2 + 1.0f / 3.0f;
   poly = poly * s2 + 1.0f;
-  return (2.0f * kLog2e) * s * poly;
+  return 2.0f * s * poly;
 }
 
-// log2(2^x + 2^y) in float32 from float32 log-probabilities in bits (never in probability space, see
+// log(e^x + e^y) in float32 from float32 log-probabilities (never in probability space, see
 // Liger-Kernel issue 769); -inf when both are -inf, NaN when either is NaN.
-AROPD_INLINE VecF logaddexp2(VecF x, VecF y) {
+AROPD_INLINE VecF logaddexp(VecF x, VecF y) {
   const VecF larger = x > y ? x : y;
   const VecF gap = x - y;
   const VecF magnitude = gap < splat(0.0f) ? -gap : gap;
-  const VecF result = larger + log2_1p_unit(exp2(-magnitude));
+  const VecF result = larger + log1p_unit(exp(-magnitude));
   return larger == splat(kNegInf) ? splat(kNegInf) : result;
 }
 

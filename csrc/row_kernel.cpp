@@ -74,8 +74,12 @@ template <int kDType>
 AROPD_INLINE void load_block_as(const unsigned char* source, int count, float inv_temperature, float* out) {
   constexpr int kWidth = kDType == kFloat32 ? 4 : 2;
   const int whole = count / kLanes, tail = count % kLanes;
-  for (int k = 0; k < whole; ++k) {
-    store(out + k * kLanes, load_vector<kDType>(source + k * kLanes * kWidth) * inv_temperature);
+  if (inv_temperature == 1.0f) {  // the common case: skip a multiplication per element
+    for (int k = 0; k < whole; ++k) store(out + k * kLanes, load_vector<kDType>(source + k * kLanes * kWidth));
+  } else {
+    for (int k = 0; k < whole; ++k) {
+      store(out + k * kLanes, load_vector<kDType>(source + k * kLanes * kWidth) * inv_temperature);
+    }
   }
   if (tail) {
     alignas(64) unsigned char padded[kLanes * kWidth];
@@ -294,13 +298,15 @@ AROPD_INLINE TargetSummary target_pass(const RowInputs& in, const LogNormalizers
     for (int k = 0; k < n_vectors; ++k) {
       const VecF z = load(blocks.scratch + k * kLanes);
       const auto [log_student, log_partial, log_full] = lse.log_probs(blocks, k);
-      const VecF weight = exp(z - shift);
+      // A weight or probability must be exactly 0 only where float32 says so when it multiplies a
+      // possibly infinite log-ratio (w for forward KL, p for reverse KL): exp with gradual underflow.
+      const VecF weight = kKind == Divergence::kForwardKL ? exp(z - shift) : exp_flushed(z - shift);
       const VecI no_weight = weight == splat(0.0f);
       target.sum += weight;
       if constexpr (kKind == Divergence::kForwardKL) target_gap += zero_where(no_weight, weight * (z - log_student));
       if constexpr (kDiagnostics) target_weighted += zero_where(no_weight, weight * z);
       if constexpr (kKind == Divergence::kReverseKL || kDiagnostics) {
-        const VecF p = exp(log_student);
+        const VecF p = kKind == Divergence::kReverseKL ? exp(log_student) : exp_flushed(log_student);
         const VecI no_student = p == splat(0.0f);
         if constexpr (kKind == Divergence::kReverseKL) {
           student_gap += zero_where(no_student, p * (log_student - z));

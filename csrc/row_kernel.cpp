@@ -14,6 +14,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "vector_math.h"
 
@@ -131,7 +132,7 @@ struct Blocks {
   alignas(64) float student[kBlock];
   alignas(64) float partial[kBlock];
   alignas(64) float full[kBlock];
-  alignas(64) float scratch[kBlock];  // the target logits z, then the gradient block
+  alignas(64) float scratch[kBlock];  // the gradient block
 };
 
 struct RowInputs {
@@ -143,6 +144,13 @@ struct RowInputs {
   float inv_temperature;  // 1 / T in float32, as the reference multiplies
 
   int count_at(int64_t start) const { return static_cast<int>(std::min<int64_t>(kBlock, vocab - start)); }
+
+  // Loads the block at start of the student only; returns its number of vectors.
+  AROPD_INLINE int load_student(int64_t start, Blocks& blocks) const {
+    const int count = count_at(start);
+    load_block(student, student_dtype, start, count, inv_temperature, blocks.student);
+    return (count + kLanes - 1) / kLanes;
+  }
 
   // Loads the block at start of all three inputs; returns its number of vectors.
   AROPD_INLINE int load(int64_t start, Blocks& blocks) const {
@@ -273,7 +281,7 @@ struct TargetSummary {
 // diagnostics. Sums weighted by exp(z - max) are rescaled with the online max of z.
 template <Divergence kKind, bool kDiagnostics>
 AROPD_INLINE TargetSummary target_pass(const RowInputs& in, const LogNormalizers& lse, const Settings& settings,
-                                       Blocks& blocks) {
+                                       float* target_row, Blocks& blocks) {
   LaneLogSumExp target;
   VecF target_gap = splat(0.0f);       // sum w (z - ls), w = exp(z - max): forward KL
   VecF target_weighted = splat(0.0f);  // sum w z: target entropy
@@ -288,7 +296,7 @@ AROPD_INLINE TargetSummary target_pass(const RowInputs& in, const LogNormalizers
     for (int k = 0; k < n_vectors; ++k) {
       const auto [log_student, log_partial, log_full] = lse.log_probs(blocks, k);
       const VecF z = anchored_target(log_partial, log_full, settings);
-      store(blocks.scratch + k * kLanes, z);
+      store(target_row + start + k * kLanes, z);
       block_max = lane_max(block_max, z);
     }
     VecF shift;
@@ -296,7 +304,7 @@ AROPD_INLINE TargetSummary target_pass(const RowInputs& in, const LogNormalizers
     target_gap *= rescale;
     target_weighted *= rescale;
     for (int k = 0; k < n_vectors; ++k) {
-      const VecF z = load(blocks.scratch + k * kLanes);
+      const VecF z = load(target_row + start + k * kLanes);
       const auto [log_student, log_partial, log_full] = lse.log_probs(blocks, k);
       // A weight or probability must be exactly 0 only where float32 says so when it multiplies a
       // possibly infinite log-ratio (w for forward KL, p for reverse KL): exp with gradual underflow.
@@ -354,13 +362,14 @@ struct MixtureDivergences {
 // Pass 3 of JSD: both divergences from the mixture, which need the final log q.
 AROPD_INLINE MixtureDivergences jensen_shannon_pass(const RowInputs& in, const LogNormalizers& lse,
                                                     const LogNormalizer& lse_target,
-                                                    const Settings& settings, Blocks& blocks) {
+                                                    const Settings& settings, const float* target_row,
+                                                    Blocks& blocks) {
   VecF target_part = splat(0.0f), student_part = splat(0.0f);
   for (int64_t start = 0; start < in.vocab; start += kBlock) {
-    const int n_vectors = in.load(start, blocks);
+    const int n_vectors = in.load_student(start, blocks);
     for (int k = 0; k < n_vectors; ++k) {
-      const auto [log_student, log_partial, log_full] = lse.log_probs(blocks, k);
-      const VecF log_target = lse_target.log_prob(anchored_target(log_partial, log_full, settings));
+      const VecF log_student = lse.student.log_prob(load(blocks.student + k * kLanes));
+      const VecF log_target = lse_target.log_prob(load(target_row + start + k * kLanes));
       const VecF log_m = log_mixture(log_target, log_student, settings);
       const VecF q = exp_flushed(log_target), p = exp_flushed(log_student);  // JSD is finite: no 0 * inf
       target_part += zero_where(q == splat(0.0f), q * (log_target - log_m));
@@ -380,12 +389,13 @@ struct GradientTerms {
 // Last pass: the gradient of grad_scale * D with respect to the student logits.
 template <Divergence kKind>
 AROPD_INLINE void gradient_pass(const RowInputs& in, const LogNormalizers& lse, const Settings& settings,
-                                const GradientTerms& terms, char* grad_row, int grad_dtype, Blocks& blocks) {
+                                const GradientTerms& terms, const float* target_row, char* grad_row, int grad_dtype,
+                                Blocks& blocks) {
   for (int64_t start = 0; start < in.vocab; start += kBlock) {
-    const int n_vectors = in.load(start, blocks);
+    const int n_vectors = in.load_student(start, blocks);
     for (int k = 0; k < n_vectors; ++k) {
-      const auto [log_student, log_partial, log_full] = lse.log_probs(blocks, k);
-      const VecF z = anchored_target(log_partial, log_full, settings);
+      const VecF log_student = lse.student.log_prob(load(blocks.student + k * kLanes));
+      const VecF z = load(target_row + start + k * kLanes);
       const VecF p = exp_flushed(log_student);  // a p below 1e-38 adds nothing to a gradient
       VecF score;
       if constexpr (kKind == Divergence::kReverseKL) {
@@ -407,17 +417,18 @@ void write_zero_gradient(char* grad_row, int dtype, int64_t vocab) {
 }
 
 template <Divergence kKind, bool kDiagnostics>
-AROPD_INLINE void run_row(const Problem& problem, int64_t row, const Settings& settings, Blocks& blocks) {
+AROPD_INLINE void run_row(const Problem& problem, int64_t row, const Settings& settings, float* target_row,
+                          Blocks& blocks) {
   const RowInputs in{row_start(problem.student, row), row_start(problem.partial, row),
                      row_start(problem.full, row),    problem.student.dtype,
                      problem.partial.dtype,                        problem.full.dtype,
                      problem.vocab,                                1.0f / problem.temperature[row]};
   const LogNormalizers lse = normalizer_pass(in, blocks);
-  const TargetSummary summary = target_pass<kKind, kDiagnostics>(in, lse, settings, blocks);
+  const TargetSummary summary = target_pass<kKind, kDiagnostics>(in, lse, settings, target_row, blocks);
   double divergence = summary.divergence;
   MixtureDivergences mixture{};
   if constexpr (kKind == Divergence::kJensenShannon) {
-    mixture = jensen_shannon_pass(in, lse, summary.target, settings, blocks);
+    mixture = jensen_shannon_pass(in, lse, summary.target, settings, target_row, blocks);
     divergence = settings.beta * mixture.target_to_mixture + (1.0 - settings.beta) * mixture.student_to_mixture;
   }
   problem.row_loss[row] = static_cast<float>(divergence);
@@ -434,19 +445,22 @@ AROPD_INLINE void run_row(const Problem& problem, int64_t row, const Settings& s
   const GradientTerms terms{summary.target, static_cast<float>(summary.target.value() - divergence),
                             static_cast<float>(mixture.student_to_mixture), coefficient};
   char* grad_row = const_cast<char*>(row_start(problem.grad, row));
-  gradient_pass<kKind>(in, lse, settings, terms, grad_row, problem.grad.dtype, blocks);
+  gradient_pass<kKind>(in, lse, settings, terms, target_row, grad_row, problem.grad.dtype, blocks);
 }
 
 template <Divergence kKind>
-AROPD_INLINE void run_row(const Problem& problem, int64_t row, const Settings& settings, Blocks& blocks) {
+AROPD_INLINE void run_row(const Problem& problem, int64_t row, const Settings& settings, float* target_row,
+                          Blocks& blocks) {
   if (problem.diagnostics != nullptr) {
-    run_row<kKind, true>(problem, row, settings, blocks);
+    run_row<kKind, true>(problem, row, settings, target_row, blocks);
   } else {
-    run_row<kKind, false>(problem, row, settings, blocks);
+    run_row<kKind, false>(problem, row, settings, target_row, blocks);
   }
 }
 
-AROPD_CLONES void process_row(const Problem& problem, int64_t row, const Settings& settings) {
+// target_row: room for the row's target logits z (padded to whole blocks), kept from pass 2 on so
+// that the later passes read the student and z only.
+AROPD_CLONES void process_row(const Problem& problem, int64_t row, const Settings& settings, float* target_row) {
   if (!problem.active[row]) {  // skipped: zeros and no other work
     problem.row_loss[row] = 0.0f;
     if (problem.diagnostics != nullptr) {
@@ -460,11 +474,11 @@ AROPD_CLONES void process_row(const Problem& problem, int64_t row, const Setting
   }
   Blocks blocks;
   if (settings.beta == 1.0) {
-    run_row<Divergence::kReverseKL>(problem, row, settings, blocks);
+    run_row<Divergence::kReverseKL>(problem, row, settings, target_row, blocks);
   } else if (settings.beta == 0.0) {
-    run_row<Divergence::kForwardKL>(problem, row, settings, blocks);
+    run_row<Divergence::kForwardKL>(problem, row, settings, target_row, blocks);
   } else {
-    run_row<Divergence::kJensenShannon>(problem, row, settings, blocks);
+    run_row<Divergence::kJensenShannon>(problem, row, settings, target_row, blocks);
   }
 }
 
@@ -495,8 +509,13 @@ void compute_rows(const Problem& problem, int num_threads) {
     settings.log_one_minus_beta = static_cast<float>(std::log1p(-problem.beta));
   }
   const int64_t n_rows = problem.n_rows;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(num_threads)
-  for (int64_t row = 0; row < n_rows; ++row) process_row(problem, row, settings);
+  const int64_t padded_vocab = (problem.vocab + kBlock - 1) / kBlock * kBlock;
+#pragma omp parallel num_threads(num_threads)
+  {
+    std::vector<float> target_row(padded_vocab);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t row = 0; row < n_rows; ++row) process_row(problem, row, settings, target_row.data());
+  }
 }
 
 std::string instruction_set() {

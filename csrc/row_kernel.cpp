@@ -277,11 +277,20 @@ struct TargetSummary {
   double belief_shift, clipped_mass, student_entropy, target_entropy;
 };
 
+// Per-thread room for one row, kept from pass 2 for the later passes, so that they need not read and
+// convert the teachers again: the target logits z (reverse KL: ls - z instead) and, for reverse KL,
+// the student's probabilities, so that its gradient pass reads no input at all.
+struct RowBuffers {
+  float* target;
+  float* probability;
+};
+
 // Pass 2: the target's log-normalizer and, in the same sweep, reverse or forward KL and the
 // diagnostics. Sums weighted by exp(z - max) are rescaled with the online max of z.
 template <Divergence kKind, bool kDiagnostics>
 AROPD_INLINE TargetSummary target_pass(const RowInputs& in, const LogNormalizers& lse, const Settings& settings,
-                                       float* target_row, Blocks& blocks) {
+                                       const RowBuffers& row_buffers, Blocks& blocks) {
+  float* const target_row = row_buffers.target;
   LaneLogSumExp target;
   VecF target_gap = splat(0.0f);       // sum w (z - ls), w = exp(z - max): forward KL
   VecF target_weighted = splat(0.0f);  // sum w z: target entropy
@@ -317,6 +326,8 @@ AROPD_INLINE TargetSummary target_pass(const RowInputs& in, const LogNormalizers
         const VecF p = kKind == Divergence::kReverseKL ? exp(log_student) : exp_flushed(log_student);
         const VecI no_student = p == splat(0.0f);
         if constexpr (kKind == Divergence::kReverseKL) {
+          store(target_row + start + k * kLanes, log_student - z);
+          store(row_buffers.probability + start + k * kLanes, p);
           student_gap += zero_where(no_student, p * (log_student - z));
           student_mass += p;
         }
@@ -381,7 +392,7 @@ AROPD_INLINE MixtureDivergences jensen_shannon_pass(const RowInputs& in, const L
 
 struct GradientTerms {
   LogNormalizer lse_target;
-  float reverse_offset;           // lse_z - D: p (ls - lq - D) = p ((ls - z) + lse_z - D)
+  float reverse_offset;           // lse_z - D: p (ls - lq - D) = p ((ls - z) + (lse_z - D))
   float student_to_mixture;       // KL(p || m), JSD
   float coefficient;              // grad_scale / T, times (1 - beta) for JSD
 };
@@ -389,22 +400,31 @@ struct GradientTerms {
 // Last pass: the gradient of grad_scale * D with respect to the student logits.
 template <Divergence kKind>
 AROPD_INLINE void gradient_pass(const RowInputs& in, const LogNormalizers& lse, const Settings& settings,
-                                const GradientTerms& terms, const float* target_row, char* grad_row, int grad_dtype,
-                                Blocks& blocks) {
+                                const GradientTerms& terms, const RowBuffers& row_buffers, char* grad_row,
+                                int grad_dtype, Blocks& blocks) {
   for (int64_t start = 0; start < in.vocab; start += kBlock) {
-    const int n_vectors = in.load_student(start, blocks);
+    const float* target = row_buffers.target + start;
+    int n_vectors;
+    if constexpr (kKind == Divergence::kReverseKL) {
+      n_vectors = (in.count_at(start) + kLanes - 1) / kLanes;
+    } else {
+      n_vectors = in.load_student(start, blocks);
+    }
     for (int k = 0; k < n_vectors; ++k) {
-      const VecF log_student = lse.student.log_prob(load(blocks.student + k * kLanes));
-      const VecF z = load(target_row + start + k * kLanes);
-      const VecF p = exp_flushed(log_student);  // a p below 1e-38 adds nothing to a gradient
       VecF score;
       if constexpr (kKind == Divergence::kReverseKL) {
-        score = zero_where(p == splat(0.0f), p * ((log_student - z) + terms.reverse_offset));
-      } else if constexpr (kKind == Divergence::kForwardKL) {
-        score = p - exp_flushed(terms.lse_target.log_prob(z));
+        const VecF p = load(row_buffers.probability + start + k * kLanes);
+        score = zero_where(p == splat(0.0f), p * (load(target + k * kLanes) + terms.reverse_offset));
       } else {
-        const VecF log_m = log_mixture(terms.lse_target.log_prob(z), log_student, settings);
-        score = zero_where(p == splat(0.0f), p * ((log_student - log_m) - terms.student_to_mixture));
+        const VecF log_student = lse.student.log_prob(load(blocks.student + k * kLanes));
+        const VecF log_target = terms.lse_target.log_prob(load(target + k * kLanes));
+        const VecF p = exp_flushed(log_student);  // a p below 1e-38 adds nothing to a gradient
+        if constexpr (kKind == Divergence::kForwardKL) {
+          score = p - exp_flushed(log_target);
+        } else {
+          const VecF log_m = log_mixture(log_target, log_student, settings);
+          score = zero_where(p == splat(0.0f), p * ((log_student - log_m) - terms.student_to_mixture));
+        }
       }
       store(blocks.scratch + k * kLanes, score * terms.coefficient);
     }
@@ -417,18 +437,18 @@ void write_zero_gradient(char* grad_row, int dtype, int64_t vocab) {
 }
 
 template <Divergence kKind, bool kDiagnostics>
-AROPD_INLINE void run_row(const Problem& problem, int64_t row, const Settings& settings, float* target_row,
-                          Blocks& blocks) {
+AROPD_INLINE void run_row(const Problem& problem, int64_t row, const Settings& settings,
+                          const RowBuffers& row_buffers, Blocks& blocks) {
   const RowInputs in{row_start(problem.student, row), row_start(problem.partial, row),
                      row_start(problem.full, row),    problem.student.dtype,
                      problem.partial.dtype,                        problem.full.dtype,
                      problem.vocab,                                1.0f / problem.temperature[row]};
   const LogNormalizers lse = normalizer_pass(in, blocks);
-  const TargetSummary summary = target_pass<kKind, kDiagnostics>(in, lse, settings, target_row, blocks);
+  const TargetSummary summary = target_pass<kKind, kDiagnostics>(in, lse, settings, row_buffers, blocks);
   double divergence = summary.divergence;
   MixtureDivergences mixture{};
   if constexpr (kKind == Divergence::kJensenShannon) {
-    mixture = jensen_shannon_pass(in, lse, summary.target, settings, target_row, blocks);
+    mixture = jensen_shannon_pass(in, lse, summary.target, settings, row_buffers.target, blocks);
     divergence = settings.beta * mixture.target_to_mixture + (1.0 - settings.beta) * mixture.student_to_mixture;
   }
   problem.row_loss[row] = static_cast<float>(divergence);
@@ -445,22 +465,21 @@ AROPD_INLINE void run_row(const Problem& problem, int64_t row, const Settings& s
   const GradientTerms terms{summary.target, static_cast<float>(summary.target.value() - divergence),
                             static_cast<float>(mixture.student_to_mixture), coefficient};
   char* grad_row = const_cast<char*>(row_start(problem.grad, row));
-  gradient_pass<kKind>(in, lse, settings, terms, target_row, grad_row, problem.grad.dtype, blocks);
+  gradient_pass<kKind>(in, lse, settings, terms, row_buffers, grad_row, problem.grad.dtype, blocks);
 }
 
 template <Divergence kKind>
-AROPD_INLINE void run_row(const Problem& problem, int64_t row, const Settings& settings, float* target_row,
-                          Blocks& blocks) {
+AROPD_INLINE void run_row(const Problem& problem, int64_t row, const Settings& settings,
+                          const RowBuffers& row_buffers, Blocks& blocks) {
   if (problem.diagnostics != nullptr) {
-    run_row<kKind, true>(problem, row, settings, target_row, blocks);
+    run_row<kKind, true>(problem, row, settings, row_buffers, blocks);
   } else {
-    run_row<kKind, false>(problem, row, settings, target_row, blocks);
+    run_row<kKind, false>(problem, row, settings, row_buffers, blocks);
   }
 }
 
-// target_row: room for the row's target logits z (padded to whole blocks), kept from pass 2 on so
-// that the later passes read the student and z only.
-AROPD_CLONES void process_row(const Problem& problem, int64_t row, const Settings& settings, float* target_row) {
+AROPD_CLONES void process_row(const Problem& problem, int64_t row, const Settings& settings,
+                              const RowBuffers& row_buffers) {
   if (!problem.active[row]) {  // skipped: zeros and no other work
     problem.row_loss[row] = 0.0f;
     if (problem.diagnostics != nullptr) {
@@ -474,11 +493,11 @@ AROPD_CLONES void process_row(const Problem& problem, int64_t row, const Setting
   }
   Blocks blocks;
   if (settings.beta == 1.0) {
-    run_row<Divergence::kReverseKL>(problem, row, settings, target_row, blocks);
+    run_row<Divergence::kReverseKL>(problem, row, settings, row_buffers, blocks);
   } else if (settings.beta == 0.0) {
-    run_row<Divergence::kForwardKL>(problem, row, settings, target_row, blocks);
+    run_row<Divergence::kForwardKL>(problem, row, settings, row_buffers, blocks);
   } else {
-    run_row<Divergence::kJensenShannon>(problem, row, settings, target_row, blocks);
+    run_row<Divergence::kJensenShannon>(problem, row, settings, row_buffers, blocks);
   }
 }
 
@@ -512,9 +531,10 @@ void compute_rows(const Problem& problem, int num_threads) {
   const int64_t padded_vocab = (problem.vocab + kBlock - 1) / kBlock * kBlock;
 #pragma omp parallel num_threads(num_threads)
   {
-    std::vector<float> target_row(padded_vocab);
+    std::vector<float> storage(2 * padded_vocab);
+    const RowBuffers row_buffers{storage.data(), storage.data() + padded_vocab};
 #pragma omp for schedule(dynamic, 1)
-    for (int64_t row = 0; row < n_rows; ++row) process_row(problem, row, settings, target_row.data());
+    for (int64_t row = 0; row < n_rows; ++row) process_row(problem, row, settings, row_buffers);
   }
 }
 

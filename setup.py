@@ -39,18 +39,18 @@ def native_extension_and_command():
 
         def run(self):
             if os.environ.get("AROPD_NATIVE_BUILD", "1") == "0":
-                self._record_failure(self.extensions[0], "skipped at build time (AROPD_NATIVE_BUILD=0)")
+                self._record_failure(self.extensions[0], "AROPD_NATIVE_BUILD=0 skipped it at install time")
                 return
             try:
                 super().run()
             except Exception as error:  # no compiler at all surfaces here, before any extension
-                self._record_failure(self.extensions[0], f"{type(error).__name__}: {error}")
+                self._record_failure(self.extensions[0], f"building it failed ({type(error).__name__}: {error})")
 
         def build_extension(self, ext):
             try:
                 super().build_extension(ext)
             except Exception as error:  # compile or link failure: missing compiler, OpenMP or headers
-                self._record_failure(ext, f"{type(error).__name__}: {error}")
+                self._record_failure(ext, f"building it failed ({type(error).__name__}: {error})")
                 return
             status = self._status_path(ext)
             if os.path.exists(status):
@@ -63,7 +63,7 @@ def native_extension_and_command():
             path = self._status_path(ext)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             with open(path, "w", encoding="utf-8") as status:
-                status.write(f"the native CPU kernel was not built: {reason}\n")
+                status.write(f"{reason}\n")
             print(f"aropd-kernels: native CPU kernel not built, using the reference on CPU: {reason}",
                   file=sys.stderr)
 

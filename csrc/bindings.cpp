@@ -40,7 +40,7 @@ void compute_rows(const ViewArgument& student, const ViewArgument& partial, cons
   problem.grad_scale = reinterpret_cast<const float*>(grad_scale);
   problem.row_loss = reinterpret_cast<float*>(row_loss);
   problem.diagnostics = reinterpret_cast<float*>(diagnostics);
-  problem.lam = static_cast<float>(lam);
+  problem.lam = lam;
   problem.clip = static_cast<float>(clip);
   problem.beta = beta;
   aropd::compute_rows(problem, num_threads);

@@ -173,7 +173,7 @@ struct LaneLogSumExp {
   AROPD_INLINE VecF rebase(VecF block_max, VecF& shift) {
     const VecF new_max = lane_max(max, block_max);
     shift = new_max == splat(kNegInf) ? splat(0.0f) : new_max;
-    const VecF rescale = exp_flushed(max - shift);
+    const VecF rescale = exp(max - shift);
     sum *= rescale;
     max = new_max;
     return rescale;
@@ -185,7 +185,7 @@ struct LaneLogSumExp {
     VecF shift;
     rebase(block_max, shift);
     VecF block_sum = splat(0.0f);
-    for (int k = 0; k < n_vectors; ++k) block_sum += exp_flushed(aropd::load(values + k * kLanes) - shift);
+    for (int k = 0; k < n_vectors; ++k) block_sum += exp(aropd::load(values + k * kLanes) - shift);
     sum += block_sum;
   }
 };
@@ -222,6 +222,13 @@ struct LaneMerge {
     return {static_cast<float>(max), static_cast<float>(std::log(total(lane_sum)))};
   }
 };
+
+// +inf when some token made the sum infinite in exact arithmetic (a NaN stays NaN).
+double infinite_if(double sum, VecF infinite_terms) {
+  bool any = false;
+  for (int lane = 0; lane < kLanes; ++lane) any |= infinite_terms[lane] > 0.0f;
+  return any && !std::isnan(sum) ? INFINITY : sum;
+}
 
 double sum_lanes(VecF values) {
   double sum = 0.0;
@@ -278,8 +285,7 @@ struct TargetSummary {
 };
 
 // Per-thread room for one row, kept from pass 2 for the later passes, so that they need not read and
-// convert the teachers again: the target logits z (reverse KL: ls - z instead) and, for reverse KL,
-// the student's probabilities, so that its gradient pass reads no input at all.
+// convert the teachers again: the target logits z and, for reverse KL, the student's probabilities.
 struct RowBuffers {
   float* target;
   float* probability;
@@ -299,6 +305,9 @@ AROPD_INLINE TargetSummary target_pass(const RowInputs& in, const LogNormalizers
   VecF student_weighted = splat(0.0f); // sum p ls: student entropy
   VecF belief_shift = splat(0.0f);     // sum q_F (lf - la)
   VecF clipped_mass = splat(0.0f);     // sum q_F [|lf - la| > c]
+  VecF infinite_divergence = splat(0.0f);  // tokens the target forbids and the student allows (reverse
+                                           // KL), or the other way round (forward KL)
+  VecF infinite_shift = splat(0.0f);       // tokens the anchor forbids and the full teacher allows
   for (int64_t start = 0; start < in.vocab; start += kBlock) {
     const int n_vectors = in.load(start, blocks);
     VecF block_max = splat(kNegInf);
@@ -315,27 +324,29 @@ AROPD_INLINE TargetSummary target_pass(const RowInputs& in, const LogNormalizers
     for (int k = 0; k < n_vectors; ++k) {
       const VecF z = load(target_row + start + k * kLanes);
       const auto [log_student, log_partial, log_full] = lse.log_probs(blocks, k);
-      // A weight or probability must be exactly 0 only where float32 says so when it multiplies a
-      // possibly infinite log-ratio (w for forward KL, p for reverse KL): exp with gradual underflow.
-      const VecF weight = kKind == Divergence::kForwardKL ? exp(z - shift) : exp_flushed(z - shift);
+          const VecF weight = exp(z - shift);
       const VecI no_weight = weight == splat(0.0f);
       target.sum += weight;
-      if constexpr (kKind == Divergence::kForwardKL) target_gap += zero_where(no_weight, weight * (z - log_student));
+      if constexpr (kKind == Divergence::kForwardKL) {
+        target_gap += zero_where(no_weight, weight * (z - log_student));
+        infinite_divergence += forbidden_but_allowed(log_student, z);
+      }
       if constexpr (kDiagnostics) target_weighted += zero_where(no_weight, weight * z);
       if constexpr (kKind == Divergence::kReverseKL || kDiagnostics) {
-        const VecF p = kKind == Divergence::kReverseKL ? exp(log_student) : exp_flushed(log_student);
+        const VecF p = exp(log_student);
         const VecI no_student = p == splat(0.0f);
         if constexpr (kKind == Divergence::kReverseKL) {
-          store(target_row + start + k * kLanes, log_student - z);
           store(row_buffers.probability + start + k * kLanes, p);
           student_gap += zero_where(no_student, p * (log_student - z));
           student_mass += p;
+          infinite_divergence += forbidden_but_allowed(z, log_student);
         }
         if constexpr (kDiagnostics) {
           student_weighted += zero_where(no_student, p * log_student);
           const VecF q_full = exp(log_full);
           const VecF teacher_gap = log_full - log_partial;
           belief_shift += zero_where(q_full == splat(0.0f), q_full * teacher_gap);
+          infinite_shift += forbidden_but_allowed(log_partial, log_full);
           const VecF gap_size = teacher_gap < splat(0.0f) ? -teacher_gap : teacher_gap;
           clipped_mass += gap_size > splat(settings.clip) ? q_full : splat(0.0f);
         }
@@ -352,8 +363,9 @@ AROPD_INLINE TargetSummary target_pass(const RowInputs& in, const LogNormalizers
   if constexpr (kKind == Divergence::kForwardKL) {
     summary.divergence = merge.total(target_gap) / target_sum - summary.target.value();
   }
+  summary.divergence = infinite_if(summary.divergence, infinite_divergence);
   if constexpr (kDiagnostics) {
-    summary.belief_shift = sum_lanes(belief_shift);
+    summary.belief_shift = infinite_if(sum_lanes(belief_shift), infinite_shift);
     summary.clipped_mass = sum_lanes(clipped_mass);
     summary.student_entropy = -sum_lanes(student_weighted);
     summary.target_entropy = summary.target.value() - merge.total(target_weighted) / target_sum;
@@ -382,7 +394,7 @@ AROPD_INLINE MixtureDivergences jensen_shannon_pass(const RowInputs& in, const L
       const VecF log_student = lse.student.log_prob(load(blocks.student + k * kLanes));
       const VecF log_target = lse_target.log_prob(load(target_row + start + k * kLanes));
       const VecF log_m = log_mixture(log_target, log_student, settings);
-      const VecF q = exp_flushed(log_target), p = exp_flushed(log_student);  // JSD is finite: no 0 * inf
+      const VecF q = exp(log_target), p = exp(log_student);
       target_part += zero_where(q == splat(0.0f), q * (log_target - log_m));
       student_part += zero_where(p == splat(0.0f), p * (log_student - log_m));
     }
@@ -392,35 +404,31 @@ AROPD_INLINE MixtureDivergences jensen_shannon_pass(const RowInputs& in, const L
 
 struct GradientTerms {
   LogNormalizer lse_target;
-  float reverse_offset;           // lse_z - D: p (ls - lq - D) = p ((ls - z) + (lse_z - D))
+  float divergence;               // D, reverse KL
   float student_to_mixture;       // KL(p || m), JSD
   float coefficient;              // grad_scale / T, times (1 - beta) for JSD
 };
 
-// Last pass: the gradient of grad_scale * D with respect to the student logits.
+// Last pass: the gradient of grad_scale * D with respect to the student logits. ls - lq is formed
+// from normalized log-probabilities (not as (ls - z) + lse_z), so that where p is large both are
+// small and the difference keeps its precision.
 template <Divergence kKind>
 AROPD_INLINE void gradient_pass(const RowInputs& in, const LogNormalizers& lse, const Settings& settings,
                                 const GradientTerms& terms, const RowBuffers& row_buffers, char* grad_row,
                                 int grad_dtype, Blocks& blocks) {
   for (int64_t start = 0; start < in.vocab; start += kBlock) {
-    const float* target = row_buffers.target + start;
-    int n_vectors;
-    if constexpr (kKind == Divergence::kReverseKL) {
-      n_vectors = (in.count_at(start) + kLanes - 1) / kLanes;
-    } else {
-      n_vectors = in.load_student(start, blocks);
-    }
+    const int n_vectors = in.load_student(start, blocks);
     for (int k = 0; k < n_vectors; ++k) {
+      const VecF log_student = lse.student.log_prob(load(blocks.student + k * kLanes));
+      const VecF log_target = terms.lse_target.log_prob(load(row_buffers.target + start + k * kLanes));
       VecF score;
       if constexpr (kKind == Divergence::kReverseKL) {
         const VecF p = load(row_buffers.probability + start + k * kLanes);
-        score = zero_where(p == splat(0.0f), p * (load(target + k * kLanes) + terms.reverse_offset));
+        score = zero_where(p == splat(0.0f), p * ((log_student - log_target) - terms.divergence));
       } else {
-        const VecF log_student = lse.student.log_prob(load(blocks.student + k * kLanes));
-        const VecF log_target = terms.lse_target.log_prob(load(target + k * kLanes));
-        const VecF p = exp_flushed(log_student);  // a p below 1e-38 adds nothing to a gradient
+        const VecF p = exp(log_student);
         if constexpr (kKind == Divergence::kForwardKL) {
-          score = p - exp_flushed(log_target);
+          score = p - exp(log_target);
         } else {
           const VecF log_m = log_mixture(log_target, log_student, settings);
           score = zero_where(p == splat(0.0f), p * ((log_student - log_m) - terms.student_to_mixture));
@@ -462,7 +470,7 @@ AROPD_INLINE void run_row(const Problem& problem, int64_t row, const Settings& s
   if (problem.grad.data == nullptr) return;
   float coefficient = problem.grad_scale[row] * in.inv_temperature;
   if constexpr (kKind == Divergence::kJensenShannon) coefficient *= static_cast<float>(1.0 - settings.beta);
-  const GradientTerms terms{summary.target, static_cast<float>(summary.target.value() - divergence),
+  const GradientTerms terms{summary.target, static_cast<float>(divergence),
                             static_cast<float>(mixture.student_to_mixture), coefficient};
   char* grad_row = const_cast<char*>(row_start(problem.grad, row));
   gradient_pass<kKind>(in, lse, settings, terms, row_buffers, grad_row, problem.grad.dtype, blocks);
@@ -519,9 +527,9 @@ void convert(const void* source, int source_dtype, void* target, int target_dtyp
 
 void compute_rows(const Problem& problem, int num_threads) {
   Settings settings{};
-  settings.lam = problem.lam;
+  settings.lam = static_cast<float>(problem.lam);
   settings.clip = problem.clip;
-  settings.forbidden_by_full = problem.lam > 0 ? kNegInf : 0.0f;
+  settings.forbidden_by_full = problem.lam > 0.0 ? kNegInf : 0.0f;  // decided on the double: 1e-79 > 0
   settings.beta = problem.beta;
   if (problem.beta > 0.0 && problem.beta < 1.0) {
     settings.log_beta = static_cast<float>(std::log(problem.beta));

@@ -31,7 +31,8 @@ struct Problem {
   const float* grad_scale;   // [N]; used when grad.data != nullptr
   float* row_loss;           // [N] out
   float* diagnostics;        // [4, N] out, or nullptr
-  float lam, clip;
+  double lam;  // double: a tiny lam > 0 still forbids what the full teacher forbids (lam * -inf)
+  float clip;
   double beta;  // double: an interior beta must never round to the endpoints 0 or 1
 };
 

@@ -76,24 +76,24 @@ AROPD_INLINE ExpParts exp_parts(VecF x) {
 
 AROPD_INLINE VecF pow2(VecI exponent) { return (VecF)((exponent + 127) << 23); }
 
-// exp(x) with float32 accuracy and gradual underflow, so that a probability is 0 exactly when float32
-// says so (it decides whether a divergence is +inf). -inf gives 0, NaN gives NaN; x is capped at 88
-// (the arguments here are log-probabilities, <= ~0, so the cap never binds). The caps are written as
-// `c < x ? c : x` and `x < c ? c : x`, which compile to vminps / vmaxps that keep a NaN x.
+// exp(x) with float32 accuracy (about 1 ulp) for the arguments this kernel has: log-probabilities and
+// differences to a running max, so x <= ~0. Exact 0 for -inf, NaN for NaN. Results below FLT_MIN
+// (x < -87.33, probabilities under 1.2e-38) are flushed to 0: whether a divergence is +inf is decided
+// from the log-probabilities, not from an underflowed probability (see row_kernel.cpp). x is capped at
+// 88 (never binding here), written as `c < x ? c : x` so that it compiles to a vminps that keeps NaN.
 AROPD_INLINE VecF exp(VecF x) {
-  VecF capped = splat(88.0f) < x ? splat(88.0f) : x;
-  capped = capped < splat(-104.0f) ? splat(-104.0f) : capped;  // exp(-104) < 2^-150 rounds to 0
-  const ExpParts parts = exp_parts(capped);
-  const VecI half = parts.exponent >> 1;  // 2^n as two factors: subnormal results round once
-  return (parts.mantissa * pow2(half)) * pow2(parts.exponent - half);
-}
-
-// exp(x) flushed to 0 below FLT_MIN (x < -87.33): for the sums behind a log-normalizer, where terms
-// 10^-38 times the largest one cannot matter. Otherwise as exp, and cheaper.
-AROPD_INLINE VecF exp_flushed(VecF x) {
   const VecF capped = splat(88.0f) < x ? splat(88.0f) : x;
   const ExpParts parts = exp_parts(capped);
   return x < splat(-87.33f) ? splat(0.0f) : parts.mantissa * pow2(parts.exponent);
+}
+
+// 1 where a token is forbidden by one distribution (log-probability -inf) and allowed by the other
+// (> -inf), else 0. sum_v w_v (log w_v - log f_v) is +inf as soon as one token has this, however small
+// w_v is in float32. Nested single-comparison selects: an `&` of two vector comparisons makes GCC 12
+// scalarize the select.
+AROPD_INLINE VecF forbidden_but_allowed(VecF log_forbidding, VecF log_allowing) {
+  return log_forbidding == splat(kNegInf) ? (log_allowing > splat(kNegInf) ? splat(1.0f) : splat(0.0f))
+                                          : splat(0.0f);
 }
 
 // log(1 + t) for t in [0, 1] via 2 atanh(t / (2 + t)); the series is truncated after s^13, an error

@@ -223,10 +223,11 @@ struct LaneMerge {
   }
 };
 
-// +inf when some token made the sum infinite in exact arithmetic (a NaN stays NaN).
-double infinite_if(double sum, VecF infinite_terms) {
+// +inf when some token made the sum infinite in exact arithmetic (see allowed_where_forbidden); a NaN
+// stays NaN.
+double infinite_if(double sum, VecF max_allowed_where_forbidden) {
   bool any = false;
-  for (int lane = 0; lane < kLanes; ++lane) any |= infinite_terms[lane] > 0.0f;
+  for (int lane = 0; lane < kLanes; ++lane) any |= max_allowed_where_forbidden[lane] > kNegInf;
   return any && !std::isnan(sum) ? INFINITY : sum;
 }
 
@@ -305,9 +306,9 @@ AROPD_INLINE TargetSummary target_pass(const RowInputs& in, const LogNormalizers
   VecF student_weighted = splat(0.0f); // sum p ls: student entropy
   VecF belief_shift = splat(0.0f);     // sum q_F (lf - la)
   VecF clipped_mass = splat(0.0f);     // sum q_F [|lf - la| > c]
-  VecF infinite_divergence = splat(0.0f);  // tokens the target forbids and the student allows (reverse
-                                           // KL), or the other way round (forward KL)
-  VecF infinite_shift = splat(0.0f);       // tokens the anchor forbids and the full teacher allows
+  VecF infinite_divergence = splat(kNegInf);  // > -inf: a token the target forbids and the student
+                                              // allows (reverse KL), or the other way round (forward)
+  VecF infinite_shift = splat(kNegInf);       // > -inf: a token the anchor forbids, the full teacher not
   for (int64_t start = 0; start < in.vocab; start += kBlock) {
     const int n_vectors = in.load(start, blocks);
     VecF block_max = splat(kNegInf);
@@ -329,7 +330,7 @@ AROPD_INLINE TargetSummary target_pass(const RowInputs& in, const LogNormalizers
       target.sum += weight;
       if constexpr (kKind == Divergence::kForwardKL) {
         target_gap += zero_where(no_weight, weight * (z - log_student));
-        infinite_divergence += forbidden_but_allowed(log_student, z);
+        infinite_divergence = lane_max(infinite_divergence, allowed_where_forbidden(log_student, z));
       }
       if constexpr (kDiagnostics) target_weighted += zero_where(no_weight, weight * z);
       if constexpr (kKind == Divergence::kReverseKL || kDiagnostics) {
@@ -339,14 +340,14 @@ AROPD_INLINE TargetSummary target_pass(const RowInputs& in, const LogNormalizers
           store(row_buffers.probability + start + k * kLanes, p);
           student_gap += zero_where(no_student, p * (log_student - z));
           student_mass += p;
-          infinite_divergence += forbidden_but_allowed(z, log_student);
+          infinite_divergence = lane_max(infinite_divergence, allowed_where_forbidden(z, log_student));
         }
         if constexpr (kDiagnostics) {
           student_weighted += zero_where(no_student, p * log_student);
           const VecF q_full = exp(log_full);
           const VecF teacher_gap = log_full - log_partial;
           belief_shift += zero_where(q_full == splat(0.0f), q_full * teacher_gap);
-          infinite_shift += forbidden_but_allowed(log_partial, log_full);
+          infinite_shift = lane_max(infinite_shift, allowed_where_forbidden(log_partial, log_full));
           const VecF gap_size = teacher_gap < splat(0.0f) ? -teacher_gap : teacher_gap;
           clipped_mass += gap_size > splat(settings.clip) ? q_full : splat(0.0f);
         }

@@ -87,13 +87,12 @@ AROPD_INLINE VecF exp(VecF x) {
   return x < splat(-87.33f) ? splat(0.0f) : parts.mantissa * pow2(parts.exponent);
 }
 
-// 1 where a token is forbidden by one distribution (log-probability -inf) and allowed by the other
-// (> -inf), else 0. sum_v w_v (log w_v - log f_v) is +inf as soon as one token has this, however small
-// w_v is in float32. Nested single-comparison selects: an `&` of two vector comparisons makes GCC 12
-// scalarize the select.
-AROPD_INLINE VecF forbidden_but_allowed(VecF log_forbidding, VecF log_allowing) {
-  return log_forbidding == splat(kNegInf) ? (log_allowing > splat(kNegInf) ? splat(1.0f) : splat(0.0f))
-                                          : splat(0.0f);
+// The allowing log-probability where the forbidding one is -inf, else -inf. Its running max over a row
+// is > -inf exactly when some token is forbidden by one distribution and allowed by the other; then
+// sum_v w_v (log w_v - log f_v) is +inf however small w_v is in float32. (One comparison and a max:
+// combining two vector comparisons with `&` makes GCC 12 scalarize the select.)
+AROPD_INLINE VecF allowed_where_forbidden(VecF log_forbidding, VecF log_allowing) {
+  return log_forbidding == splat(kNegInf) ? log_allowing : splat(kNegInf);
 }
 
 // log(1 + t) for t in [0, 1] via 2 atanh(t / (2 + t)); the series is truncated after s^13, an error

@@ -24,9 +24,6 @@ else:
 
 _BUILD_STATUS = Path(__file__).with_name("_native_build.txt")
 N_DIAGNOSTICS = 4
-# Gradient buffers from this size on are backed by huge pages when the OS allows (see csrc/bindings.cpp):
-# first touching them in 4 KiB pages would cost as much as the kernel.
-_HUGE_PAGE_WORTHWHILE = 8 << 20
 
 
 def available() -> bool:
@@ -119,9 +116,6 @@ def compute_rows(
     grad_view = _view(grad_out, "grad_out", n_rows, vocab)
     if n_rows == 0:
         return RowResult(row_loss, diagnostics)
-    if grad_out is not None and grad_out.numel() * grad_out.element_size() >= _HUGE_PAGE_WORTHWHILE:
-        storage = grad_out.untyped_storage()
-        module.advise_huge_pages(storage.data_ptr(), storage.nbytes())
     module.compute_rows(
         *views, grad_view, n_rows, vocab,
         temperature.data_ptr(), active.data_ptr(), 0 if grad_scale is None else grad_scale.data_ptr(),

@@ -5,10 +5,6 @@
 #include <cstdint>
 #include <tuple>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #include "row_kernel.h"
 
 namespace py = pybind11;
@@ -46,22 +42,6 @@ void compute_rows(const ViewArgument& student, const ViewArgument& partial, cons
   aropd::compute_rows(problem, num_threads);
 }
 
-// Asks Linux for transparent huge pages on the 2 MiB-aligned interior of [address, address + bytes).
-// A freshly allocated N x V gradient is otherwise first touched in 4 KiB pages: at N = 256,
-// V = 151936 (bfloat16) that is 19,000 page faults, about 40 ms, as long as the kernel itself. Only a
-// hint: ignored where THP is off or unavailable, harmless where the pages are already there.
-void advise_huge_pages(std::uintptr_t address, std::size_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr std::uintptr_t kHugePage = std::uintptr_t{1} << 21;
-  const std::uintptr_t begin = (address + kHugePage - 1) & ~(kHugePage - 1);
-  const std::uintptr_t end = (address + bytes) & ~(kHugePage - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#else
-  (void)address;
-  (void)bytes;
-#endif
-}
-
 }  // namespace
 
 PYBIND11_MODULE(_native, module) {
@@ -78,7 +58,6 @@ PYBIND11_MODULE(_native, module) {
                        target_dtype, count);
       },
       "Test hook: converts count contiguous values with the kernel's load and store code.");
-  module.def("advise_huge_pages", &advise_huge_pages, "Hint: back this address range with huge pages (Linux).");
   module.def("instruction_set", &aropd::instruction_set,
              "The instruction set the row kernel dispatches to on this CPU.");
 }

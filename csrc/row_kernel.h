@@ -1,0 +1,48 @@
+// The per-row contract of aropd_kernels/backends.py, in C++ (SPEC §1-§2).
+//
+// Pointers, shapes, strides (in elements) and dtype codes come from aropd_kernels/native.py, which
+// validates them; nothing here knows about torch.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace aropd {
+
+enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+// A [B, T, V] view with unit stride in V: row i is (b, t) = (i / T, i % T) of this view and starts
+// at data + b * stride_batch + t * stride_seq. The views of one problem share N = B * T and V, not
+// necessarily B and T (a contiguous [6, V] tensor and a [2, 3, V] slice are both N = 6 rows).
+struct RowsView {
+  const void* data;
+  int dtype;
+  int64_t seq;  // T
+  int64_t stride_batch;
+  int64_t stride_seq;
+};
+
+struct Problem {
+  RowsView student, partial, full;
+  RowsView grad;  // data == nullptr: no gradient; otherwise written, in the student's dtype
+  int64_t n_rows, vocab;
+  const float* temperature;  // [N], every entry > 0
+  const bool* active;        // [N]
+  const float* grad_scale;   // [N]; used when grad.data != nullptr
+  float* row_loss;           // [N] out
+  float* diagnostics;        // [4, N] out, or nullptr
+  double lam;  // double: a tiny lam > 0 still forbids what the full teacher forbids (lam * -inf)
+  float clip;
+  double beta;  // double: an interior beta must never round to the endpoints 0 or 1
+};
+
+// Runs every row of the problem on num_threads OpenMP threads.
+void compute_rows(const Problem& problem, int num_threads);
+
+// Converts count values between dtypes with the kernel's own load and store paths (for tests).
+void convert(const void* source, int source_dtype, void* target, int target_dtype, int64_t count);
+
+// The instruction set the row kernel dispatches to on this CPU ("x86-64-v4", "x86-64-v3", "baseline").
+std::string instruction_set();
+
+}  // namespace aropd

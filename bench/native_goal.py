@@ -1,0 +1,101 @@
+"""Issue 5's goal, side by side in one run: the native CPU kernel against eager and torch.compile of the
+straightforward torch code, forward+backward at N = 256, V = 151,936, bfloat16 (docs/benchmarks.md).
+
+Usage: python bench/native_goal.py   (ROUNDS=7 by default; about 1 minute on 2 cores)
+"""
+import gc, os, resource, statistics, subprocess, sys, time
+import torch
+from aropd_kernels import anchored_residual_kl, native
+
+N, V, DTYPE = 256, 151936, torch.bfloat16
+
+def inputs():
+    g = torch.Generator().manual_seed(0)
+    s = (torch.randn(N, V, generator=g) * 2).to(DTYPE).requires_grad_()
+    a = (torch.randn(N, V, generator=g) * 2).to(DTYPE)
+    f = (a.float() + torch.randn(N, V, generator=g)).to(DTYPE)
+    return s, a, f
+
+def plain(s, a, f, temperature=1.0, lam=1.0, clip=5.0):
+    ls = torch.log_softmax(s.float() / temperature, -1)
+    la = torch.log_softmax(a.float() / temperature, -1)
+    lf = torch.log_softmax(f.float() / temperature, -1)
+    lq = torch.log_softmax(la + lam * (lf - la).clamp(-clip, clip), -1)
+    return (ls.exp() * (ls - lq)).sum() / s.shape[0]
+
+PROVIDERS = {
+    "native": lambda s, a, f: anchored_residual_kl(s, a, f, backend="native"),
+    "torch.compile": torch.compile(plain),
+    "eager": plain,
+}
+
+def step(fn, s, a, f):
+    s.grad = None
+    fn(s, a, f).backward()
+
+def rss_kb(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1])
+
+def memory(name):  # run in a fresh process: peak RSS growth of fwd+bwd after warm-up
+    s, a, f = inputs()
+    step(PROVIDERS[name], s, a, f)
+    s.grad = None; gc.collect()
+    base = rss_kb("VmRSS:")
+    open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
+    for _ in range(3):
+        step(PROVIDERS[name], s, a, f)
+    print((rss_kb("VmHWM:") - base) / 1024)
+
+def bandwidth_gbs():
+    x = torch.ones(128 * 2**20)  # 512 MiB float32
+    times = []
+    for _ in range(7):
+        t0 = time.perf_counter(); x.sum(); times.append(time.perf_counter() - t0)
+    return x.numel() * 4 / statistics.median(times) / 1e9
+
+def exp_rate_per_core():
+    torch.set_num_threads(1)
+    x = -torch.rand(1 << 14); y = torch.empty_like(x)
+    t0 = time.perf_counter()
+    for _ in range(2000): torch.exp(x, out=y)
+    rate = 2000 * x.numel() / (time.perf_counter() - t0)
+    torch.set_num_threads(2)
+    return rate
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--memory"]:
+        memory(sys.argv[2]); sys.exit()
+    print("load before:", os.getloadavg(), "threads:", torch.get_num_threads(), "isa:", native.instruction_set())
+    s, a, f = inputs()
+    for name, fn in PROVIDERS.items():  # warm-up (compiles)
+        for _ in range(2): step(fn, s, a, f)
+    times = {name: [] for name in PROVIDERS}
+    cpu = {name: [] for name in PROVIDERS}  # process CPU time, less sensitive to other load than wall time
+    for _ in range(int(os.environ.get("ROUNDS", 7))):  # interleaved rounds: load changes hit all alike
+        for name, fn in PROVIDERS.items():
+            c0 = resource.getrusage(resource.RUSAGE_SELF); t0 = time.perf_counter()
+            step(fn, s, a, f)
+            times[name].append(time.perf_counter() - t0); c1 = resource.getrusage(resource.RUSAGE_SELF)
+            cpu[name].append(c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime)
+    medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    grad_mb = N * V * 2 / 2**20
+    print(f"{'provider':14} {'median ms':>10} {'min ms':>8} {'max ms':>8} {'CPU ms':>8} {'peak RSS growth MB':>19}")
+    for name in PROVIDERS:
+        growth = float(subprocess.run([sys.executable, __file__, "--memory", name], capture_output=True,
+                                      text=True, check=True).stdout)
+        t = times[name]
+        print(f"{name:14} {medians[name]:10.1f} {min(t)*1e3:8.1f} {max(t)*1e3:8.1f} "
+              f"{statistics.median(cpu[name])*1e3:8.1f} {growth:19.1f}")
+    print(f"speed-up of native: {medians['torch.compile'] / medians['native']:.2f}x vs torch.compile, "
+          f"{medians['eager'] / medians['native']:.2f}x vs eager")
+    print(f"memory goal: <= 1.25 x {grad_mb:.1f} MB (bf16 gradient) + 64 MB = {1.25 * grad_mb + 64:.1f} MB")
+    bw = bandwidth_gbs(); rate = exp_rate_per_core()
+    elements = N * V
+    print(f"read bandwidth (torch sum, 2 threads): {bw:.1f} GB/s; torch.exp: {rate / 1e9:.2f} G/s per core")
+    print(f"bytes floor 8 B/elem = {elements * 8 / 1e6:.0f} MB -> {elements * 8 / bw / 1e6:.1f} ms; "
+          f"the kernel's 16 B/elem from memory -> {elements * 16 / bw / 1e6:.1f} ms")
+    print(f"exp floor 4/elem at torch.exp's rate -> {4 * elements / (2 * rate) * 1e3:.1f} ms on 2 cores; "
+          f"the kernel's 5/elem -> {5 * elements / (2 * rate) * 1e3:.1f} ms")
+    print("load after:", os.getloadavg())

@@ -132,6 +132,7 @@ def plot(rows: list[dict], modes: tuple[str, ...], out_dir: Path) -> list[Path]:
                                     squeeze=False)
         for row_axes, mode in zip(axes, modes, strict=True):
             for ax, model in zip(row_axes, models, strict=True):
+                all_positive = True  # a log axis only when every plotted value can sit on it
                 for provider in providers:
                     points = sorted((r["n_tokens"], r["median"], r["p20"], r["p80"]) for r in rows
                                     if r["status"] == "ok" and r["metric"] == metric
@@ -139,10 +140,11 @@ def plot(rows: list[dict], modes: tuple[str, ...], out_dir: Path) -> list[Path]:
                     if not points:
                         continue
                     n, median, p20, p80 = (np.array(column, dtype=float) for column in zip(*points, strict=True))
+                    all_positive &= bool((median > 0).all())
                     errors = None if metric != "time_ms" else [median - p20, p80 - median]
                     ax.errorbar(n, median, yerr=errors, marker="o", capsize=3, label=provider)
                 ax.set_xscale("log", base=2)
-                ax.set_yscale("log")
+                ax.set_yscale("log" if all_positive else "linear")
                 ax.set(xlabel="tokens N", ylabel=label, title=f"{model}, {mode}")
                 token_counts = sorted({r["n_tokens"] for r in rows if r["model"] == model})
                 ax.set_xticks(token_counts, [str(n) for n in token_counts])

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from aropd_kernels import AnchoredResidualKL, anchored_residual_kl
+from aropd_kernels import AnchoredResidualKL, anchored_residual_kl, anchored_residual_target
 from aropd_kernels.functional import _as_rows
 
 
@@ -212,3 +212,16 @@ def test_per_token_temperature_matches_row_by_row_scalar_temperature():
 def test_unclipped_residual_accepts_math_inf():
     student, partial, full = _problem(2, 7, seed=16)
     assert math.isfinite(anchored_residual_kl(student, partial, full, clip=math.inf).item())
+
+
+def test_forward_kl_is_infinite_where_the_student_forbids_a_target_token_and_its_gradient_finite(backend):
+    student, partial, full = _problem(3, 9, seed=18)
+    student[1, 4] = -math.inf  # the student cannot emit a token the target allows
+    _, grad = _grad(
+        lambda s: anchored_residual_kl(s, partial, full, beta=0.0, reduction="none", backend=backend).sum(), student)
+    per_token = anchored_residual_kl(student, partial, full, beta=0.0, reduction="none", backend=backend)
+    assert per_token[1] == math.inf and torch.isfinite(per_token[[0, 2]]).all()
+    assert torch.isfinite(grad).all()
+    expected = torch.softmax(student, -1) - torch.exp(
+        anchored_residual_target(partial, full, lam=1.0, clip=5.0))  # (p - q) / T with T = 1
+    torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)

@@ -71,7 +71,7 @@ def native_extension_and_command():
         "aropd_kernels._native",
         sources=["csrc/bindings.cpp", "csrc/row_kernel.cpp"],
         include_dirs=["csrc"],
-        depends=["csrc/row_kernel.h", "csrc/vector_math.h"],
+        depends=["csrc/row_kernel.h", "csrc/row_passes.inc", "csrc/vector_math.inc"],
         cxx_std=17,
         extra_compile_args=PORTABLE_FLAGS + shlex.split(os.environ.get("AROPD_NATIVE_CFLAGS", "")),
         extra_link_args=["-fopenmp"],

@@ -45,6 +45,17 @@ def instruction_set() -> str:
     return _module().instruction_set()
 
 
+def instruction_sets() -> list[str]:
+    """Every instruction set this CPU can run the kernel with, best (the one in use) first."""
+    return list(_module().instruction_sets())
+
+
+def _select_instruction_set(name: str) -> None:
+    """Test hook: run the kernel's copy for ``name`` (one of :func:`instruction_sets`) from now on."""
+    if not _module().select_instruction_set(name):
+        raise ValueError(f"this CPU cannot run instruction set {name!r}; it can run {instruction_sets()}.")
+
+
 def _module():
     if _native is None:
         raise RuntimeError(f"the native CPU kernel is not available: {unavailable_reason()}")

@@ -1,6 +1,7 @@
 // pybind11 entry point. It takes raw addresses, shapes, strides (in elements) and dtype codes so that
 // the extension builds without torch headers; aropd_kernels/native.py checks them before calling.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 #include <tuple>
@@ -60,4 +61,7 @@ PYBIND11_MODULE(_native, module) {
       "Test hook: converts count contiguous values with the kernel's load and store code.");
   module.def("instruction_set", &aropd::instruction_set,
              "The instruction set the row kernel dispatches to on this CPU.");
+  module.def("instruction_sets", &aropd::instruction_sets, "Every instruction set this CPU can run, best first.");
+  module.def("select_instruction_set", &aropd::select_instruction_set,
+             "Test hook: use the named instruction set from now on; False when this CPU cannot run it.");
 }

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace aropd {
 
@@ -44,5 +45,12 @@ void convert(const void* source, int source_dtype, void* target, int target_dtyp
 
 // The instruction set the row kernel dispatches to on this CPU ("x86-64-v4", "x86-64-v3", "baseline").
 std::string instruction_set();
+
+// Every instruction set this CPU can run, best first ("baseline" always last).
+std::vector<std::string> instruction_sets();
+
+// Test hook: makes the kernel use the named instruction set from now on; false when this CPU cannot
+// run it (nothing changes then).
+bool select_instruction_set(const std::string& name);
 
 }  // namespace aropd

@@ -22,6 +22,22 @@ from test_properties import check_against_gold
 
 built = pytest.mark.skipif(not native.available(), reason=f"native kernel not built: {native.unavailable_reason()}")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+INSTRUCTION_SETS = native.instruction_sets() if native.available() else ["none"]
+
+
+@pytest.fixture(autouse=True, params=INSTRUCTION_SETS)
+def instruction_set(request):
+    """Every test here runs once per copy of the kernel this CPU can run (AVX-512, AVX2, baseline),
+    not only the one the dispatcher picks: each copy is compiled separately, with its own vector
+    width and, for AVX-512, its own exp."""
+    if request.param == "none":
+        yield request.param
+        return
+    native._select_instruction_set(request.param)
+    try:
+        yield request.param
+    finally:
+        native._select_instruction_set(INSTRUCTION_SETS[0])
 
 
 def test_kernel_is_built_where_required():
@@ -42,6 +58,17 @@ def test_missing_kernel_gives_a_clear_error(monkeypatch):
 
 
 # --- against the float64 gold ----------------------------------------------------------------------
+
+
+@built
+@given(problem=problems())
+def test_property_suite_under_each_instruction_set(problem):
+    check_against_gold(problem, "native")
+
+
+def test_instruction_set_in_use_is_the_selected_one(instruction_set):
+    if instruction_set != "none":
+        assert native.instruction_set() == instruction_set
 
 
 @built

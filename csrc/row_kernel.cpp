@@ -40,7 +40,8 @@
 namespace aropd {
 namespace {
 
-constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+constexpr float kInf = std::numeric_limits<float>::infinity();
+constexpr float kNegInf = -kInf;
 // A block is 32 vectors (128 to 512 elements): its four float buffers stay in L1 (8 KB at most), and
 // float32 sums run over at most 32 terms per lane before they are carried on in double.
 constexpr int kVectorsPerBlock = 32;
@@ -57,12 +58,14 @@ struct Settings {
   float log_beta, log_one_minus_beta;  // JSD mixture weights, in log space
 };
 
-// Per-thread room for one row, kept between passes: the target logits z (pass 2) and the student's
-// exps with one scale per block (pass 1), from which its probabilities are formed.
+// Per-thread room for one row, kept between passes: the student's exps with one scale per block
+// (pass 1), from which its probabilities are formed, and the target logits z (pass 2; reverse KL
+// keeps ls - (z - m_b) instead, with the shift m_b of each block).
 struct RowBuffers {
   float* target;
   float* student_exps;
   float* student_scale;  // one vector per block
+  float* target_shift;   // one vector per block
 };
 
 using ProcessRow = void (*)(const Problem&, int64_t, const Settings&, const RowBuffers&);
@@ -179,10 +182,12 @@ void compute_rows(const Problem& problem, int num_threads) {
   const int64_t padded_vocab = (problem.vocab + kMaxBlock - 1) / kMaxBlock * kMaxBlock;
 #pragma omp parallel num_threads(num_threads)
   {
-    std::vector<float> storage(2 * padded_vocab + padded_vocab / kVectorsPerBlock);
+    const int64_t per_block = padded_vocab / kVectorsPerBlock;
+    std::vector<float> storage(2 * padded_vocab + 2 * per_block);
     float* const target = storage.data();
     float* const student_exps = target + padded_vocab;
-    const RowBuffers row_buffers{target, student_exps, student_exps + padded_vocab};
+    float* const student_scale = student_exps + padded_vocab;
+    const RowBuffers row_buffers{target, student_exps, student_scale, student_scale + per_block};
 #pragma omp for schedule(dynamic, 1)
     for (int64_t row = 0; row < n_rows; ++row) process_row(problem, row, settings, row_buffers);
   }

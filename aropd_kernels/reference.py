@@ -70,6 +70,19 @@ def _inverse_temperature(temperature, like: torch.Tensor, dtype: torch.dtype) ->
     return 1.0 / float(temperature)
 
 
+def _exact_mean(weight: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Per-row ``sum(weight * value) / sum(weight)`` in float64 from the (float32) terms as given.
+
+    Reverse KL's gradient p ((ls - lq) - D) cancels for a confident token (p near 1, ls - lq close to
+    D): D must be what the rounded p and ls - lq say, to the last bit of the float32 they are in, and
+    the mean over p (sum p is 1 only up to rounding) keeps it from moving with the student's
+    normalizer. A float32 sum is off by up to half an ulp of D per term (docs/math.md, "How D is rounded
+    for the reverse-KL gradient").
+    """
+    weight64 = weight.double()
+    return _xlogy_where(weight64, value.double()).sum(-1) / weight64.sum(-1)
+
+
 def _divergence_and_score(log_student, log_target, beta):
     """Per-row divergence D and its gradient w.r.t. the student's log-softmax input, times T.
 
@@ -78,8 +91,12 @@ def _divergence_and_score(log_student, log_target, beta):
     p = log_student.exp()
     q = log_target.exp()
     if beta == 1.0:  # reverse KL(p || q)
-        divergence = _xlogy_where(p, log_student - log_target).sum(-1)
-        score = _xlogy_where(p, log_student - log_target - divergence.unsqueeze(-1))
+        gap = log_student - log_target
+        divergence = _exact_mean(p, gap)
+        high = divergence.to(gap.dtype)
+        low = torch.where(high.isfinite(), (divergence - high.double()).to(gap.dtype), 0.0)
+        score = _xlogy_where(p, (gap - high.unsqueeze(-1)) - low.unsqueeze(-1))
+        divergence = divergence.to(gap.dtype)
     elif beta == 0.0:  # forward KL(q || p)
         divergence = _xlogy_where(q, log_target - log_student).sum(-1)
         score = p - q

@@ -7,12 +7,15 @@ weights, temperatures and the scalars lam, clip, beta.
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
 from hypothesis import given
 
 from aropd_kernels import anchored_residual_kl
 from conftest import assert_grad_close, assert_loss_close, device_for, gold
-from strategies import problems
+from strategies import Problem, problems
 
 
 def _flat(tensor: torch.Tensor | None, vocab: int | None = None):
@@ -80,3 +83,27 @@ def test_backend_matches_float64_gold(backend, problem):
 @given(problem=problems(dtypes=(torch.float64,)))
 def test_reference_in_float64_matches_gold(problem):
     check_against_gold(problem, "reference")
+
+
+def confident_student_problem(vocab: int, dtype: torch.dtype, seed: int) -> Problem:
+    """Four rows whose student puts nearly all its mass on a token the full teacher pushes far down:
+    reverse KL of 15 to 115 nats, where p ((ls - lq) - D) cancels for the confident token and any
+    rounding of D beyond that of the terms it sums lands in the gradient whole."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = 4
+    student = torch.randn(rows, vocab, generator=generator, dtype=torch.float64) * 3
+    top = torch.randint(0, vocab, (rows,), generator=generator)
+    partial = torch.randn(rows, vocab, generator=generator, dtype=torch.float64) * 3
+    full = partial + torch.randn(rows, vocab, generator=generator, dtype=torch.float64) * 3
+    student[torch.arange(rows), top] += torch.tensor([5.0, 10.0, 20.0, 30.0], dtype=torch.float64)
+    full[torch.arange(rows), top] -= torch.tensor([20.0, 40.0, 60.0, 80.0], dtype=torch.float64)
+    temperature, clip = [(0.7, math.inf), (1.0, math.inf), (1.3, 10.0)][seed % 3]
+    return Problem(student.to(dtype), partial.float(), full.float(), lam=1.0, clip=clip, beta=1.0,
+                   temperature=temperature, mask=None, weights=None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("vocab", [3, 7, 64, 1000])
+def test_confident_student_far_from_the_target_keeps_the_gradient_rule(backend, vocab, dtype):
+    for seed in range(12):
+        check_against_gold(confident_student_problem(vocab, dtype, seed), backend)

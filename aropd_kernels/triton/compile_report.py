@@ -108,7 +108,10 @@ def compile_one(spec: Specialization) -> Report:
     source = ASTSource(
         fn=kernel, signature=_signature(kernel, spec), attrs=_divisible_by_16(kernel),
         constexprs={"DIVERGENCE": DIVERGENCES[spec.divergence], "WITH_DIAGNOSTICS": spec.with_diagnostics,
-                    "WRITE_GRAD": spec.write_grad, "BLOCK_V": spec.block_v})
+                    "WRITE_GRAD": spec.write_grad, "BLOCK_V": spec.block_v,
+                    # launch.exact_divergence: reverse KL with a float32 gradient (the student's dtype)
+                    "EXACT_DIVERGENCE": spec.divergence == "reverse_kl" and spec.write_grad
+                    and spec.student_dtype == "fp32"})
     log = io.StringIO()
     try:
         with knobs.nvidia.scope(), knobs.compilation.scope(), contextlib.redirect_stdout(log):

@@ -5,7 +5,8 @@ accumulators, reduced across lanes once at the end of the sweep:
 
 1. ``_log_normalizers``: online log-sum-exp of student, partial and full logits in one read.
 2. ``_target_sweep``: the target logits ``z``, their log-normalizer and the row sums the divergence
-   needs (reverse KL: sum p (ls - z); forward KL: the running q-weighted mean of z - ls), plus the
+   needs (reverse KL: sum p (ls - z) and sum p, in float64 for float32 gradients; forward KL: the
+   running q-weighted mean of z - ls), plus the
    diagnostics when ``WITH_DIAGNOSTICS`` (a constexpr: nothing of it is compiled when off).
 3. ``_jsd_sweep`` (JSD only): KL(q || m) and KL(p || m), which need the exact lq inside lm.
 4. ``_gradient_sweep`` (when ``WRITE_GRAD``): the student gradient, already scaled by the row's
@@ -88,17 +89,26 @@ def _block_log_probs(rows, normalizers, cols, mask, scale, lam, clip, EVICTION: 
 
 
 @triton.jit
-def _target_sweep(rows, normalizers, vocab, scale, lam, clip,
-                  DIVERGENCE: tl.constexpr, WITH_DIAGNOSTICS: tl.constexpr, BLOCK_V: tl.constexpr):
+def _target_sweep(rows, normalizers, vocab, scale, lam, clip, DIVERGENCE: tl.constexpr,
+                  WITH_DIAGNOSTICS: tl.constexpr, EXACT_DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr):
     """Normalizer (max, log2-sum) of z; the divergence in base 2 for reverse and forward KL (0 for JSD);
-    the four diagnostics (zeros when off).
+    the four diagnostics (zeros when off); for reverse KL also ``student_gap``, its D less lse_z, which
+    the gradient sweep needs.
 
-    Reverse KL: D = sum p (ls - z) + lse_z. Forward KL: D = sum q (z - ls) - lse_z, the q-weighted sum
-    kept per lane with the same rescaling as the running sum of exp2(z).
+    Reverse KL: D = student_gap + lse_z with student_gap = sum p (ls - z) in float32, or, when
+    ``EXACT_DIVERGENCE`` (float32 gradients), sum p (ls - z) / sum p in float64: the gradient
+    p ((ls - z) - student_gap) cancels for a confident token, so student_gap must be what the rounded
+    p and ls - z say to the last bit (a product of two floats is exact in float64; a float32 sum is
+    off by up to half an ulp of D per term), and the mean over p (sum p is 1 only up to rounding) keeps it
+    from moving with the student's normalizer. A half-precision gradient cannot hold either.
+    Forward KL: D = sum q (z - ls) - lse_z, the q-weighted sum kept per lane with the same rescaling
+    as the running sum of exp2(z).
     """
     z_max = tl.full([BLOCK_V], NEG_INF, tl.float32)
     z_sum = tl.zeros([BLOCK_V], tl.float32)
     divergence_total = tl.zeros([BLOCK_V], tl.float32)
+    exact_gap_total = tl.zeros([BLOCK_V], tl.float64)
+    exact_student_mass = tl.zeros([BLOCK_V], tl.float64)
     student_plogp = tl.zeros([BLOCK_V], tl.float32)
     belief_shift = tl.zeros([BLOCK_V], tl.float32)
     clipped_mass = tl.zeros([BLOCK_V], tl.float32)
@@ -109,7 +119,12 @@ def _target_sweep(rows, normalizers, vocab, scale, lam, clip,
             rows, normalizers, cols, cols < vocab, scale, lam, clip, "evict_last")
         z_max, z_sum, decay, grew = online_logsumexp_update(z_max, z_sum, z, 1.0)
         if DIVERGENCE == REVERSE_KL:
-            divergence_total += weighted_term(tl.exp2(log_student), log_student - z)
+            student_prob = tl.exp2(log_student)
+            if EXACT_DIVERGENCE:
+                exact_gap_total += weighted_term(student_prob.to(tl.float64), (log_student - z).to(tl.float64))
+                exact_student_mass += student_prob.to(tl.float64)
+            else:
+                divergence_total += weighted_term(student_prob, log_student - z)
         if DIVERGENCE == FORWARD_KL:
             z_minus_student = tl.where(z == NEG_INF, 0.0, z - log_student)  # q = 0 there
             divergence_total = online_weighted_update(divergence_total, z_minus_student, decay, grew)
@@ -124,8 +139,13 @@ def _target_sweep(rows, normalizers, vocab, scale, lam, clip,
     target_normalizer = (z_row_max, tl.log2(z_row_sum))
     lse_z = z_row_max + target_normalizer[1]
     divergence = 0.0
+    student_gap = 0.0
     if DIVERGENCE == REVERSE_KL:
-        divergence = tl.sum(divergence_total, 0) + lse_z
+        if EXACT_DIVERGENCE:
+            student_gap = tl.sum(exact_gap_total, 0) / tl.sum(exact_student_mass, 0)
+        else:
+            student_gap = tl.sum(divergence_total, 0)
+        divergence = student_gap + lse_z
     if DIVERGENCE == FORWARD_KL:
         divergence = tl.sum(divergence_total * lane_weight, 0) / z_row_sum - lse_z
     diagnostics = (0.0, 0.0, 0.0, 0.0)
@@ -133,7 +153,7 @@ def _target_sweep(rows, normalizers, vocab, scale, lam, clip,
         target_entropy = lse_z - tl.sum(target_qz * lane_weight, 0) / z_row_sum
         diagnostics = (tl.sum(belief_shift, 0) * LN_2, tl.sum(clipped_mass, 0),
                        -tl.sum(student_plogp, 0) * LN_2, target_entropy * LN_2)
-    return target_normalizer, divergence, diagnostics
+    return target_normalizer, divergence, student_gap, diagnostics
 
 
 @triton.jit
@@ -179,26 +199,44 @@ def _jsd_sweep(rows, normalizers, target_normalizer, vocab, scale, lam, clip, be
 
 
 @triton.jit
-def _gradient_sweep(rows, normalizers, target_normalizer, grad_row, vocab, scale, divergence, kl_student_mixture,
+def _split_gap(student_gap):
+    """``student_gap`` as float32 (high, low) with high + low = student_gap to float64's precision;
+    low is 0 for a float32 gap, and for an infinite one (where high - high would make it NaN)."""
+    high = student_gap.to(tl.float32)
+    low = (student_gap - high.to(student_gap.dtype)).to(tl.float32)
+    return high, tl.where(tl.abs(high) < float("inf"), low, 0.0)
+
+
+@triton.jit
+def _gradient_sweep(rows, normalizers, target_normalizer, grad_row, vocab, scale, student_gap, kl_student_mixture,
                     lam, clip, beta, grad_coefficient, DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr):
     """dD/ds times ``grad_coefficient`` (row scale / T), in the gradient's dtype (SPEC §1); base-2
-    ``divergence`` and ``kl_student_mixture``.
+    ``student_gap`` (reverse KL, see :func:`_target_sweep`) and ``kl_student_mixture``.
 
+    Reverse KL: p ((ls - lq) - D) = p ((ls - z) - student_gap), lse_z cancelling exactly; ls - z is
+    recomputed exactly as the target sweep summed it, and student_gap subtracted as high, then low:
+    where (ls - z) - high cancels (the confident token) that difference is exact and low is kept.
     Each block is read before it is written, so ``grad_row`` may alias the student row (inplace_grad).
     """
+    gap_high, gap_low = 0.0, 0.0
+    if DIVERGENCE == REVERSE_KL:
+        gap_high, gap_low = _split_gap(student_gap)
     for start in range(0, vocab, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < vocab
-        log_student, log_target = _student_and_target(rows, normalizers, target_normalizer, cols, mask, scale,
-                                                      lam, clip, "evict_first")
-        student_prob = tl.exp2(log_student)
         if DIVERGENCE == REVERSE_KL:
-            grad = weighted_term(student_prob, log_student - log_target - divergence) * (grad_coefficient * LN_2)
-        elif DIVERGENCE == FORWARD_KL:
-            grad = (student_prob - tl.exp2(log_target)) * grad_coefficient
+            log_student, _, _, z = _block_log_probs(rows, normalizers, cols, mask, scale, lam, clip, "evict_first")
+            grad = weighted_term(tl.exp2(log_student), ((log_student - z) - gap_high) - gap_low) * (
+                grad_coefficient * LN_2)
         else:
-            student_gap, _ = _mixture_gaps(log_student, log_target, beta)
-            grad = weighted_term(student_prob, student_gap - kl_student_mixture) * (
+            log_student, log_target = _student_and_target(rows, normalizers, target_normalizer, cols, mask, scale,
+                                                          lam, clip, "evict_first")
+            student_prob = tl.exp2(log_student)
+        if DIVERGENCE == FORWARD_KL:
+            grad = (student_prob - tl.exp2(log_target)) * grad_coefficient
+        if DIVERGENCE == JSD:
+            student_mixture_gap, _ = _mixture_gaps(log_student, log_target, beta)
+            grad = weighted_term(student_prob, student_mixture_gap - kl_student_mixture) * (
                 grad_coefficient * (1.0 - beta) * LN_2)
         tl.store(grad_row + cols, grad.to(grad_row.dtype.element_ty), mask=mask)
 
@@ -224,9 +262,11 @@ def anchored_residual_rows_kernel(
     student_stride_b, student_stride_t, partial_stride_b, partial_stride_t,
     full_stride_b, full_stride_t, grad_stride_b, grad_stride_t,
     lam, clip, beta,
-    DIVERGENCE: tl.constexpr, WITH_DIAGNOSTICS: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    DIVERGENCE: tl.constexpr, WITH_DIAGNOSTICS: tl.constexpr, WRITE_GRAD: tl.constexpr,
+    EXACT_DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """One program per row of the per-row contract (aropd_kernels/backends.py); ``clip`` is in base 2.
+    """One program per row of the per-row contract (aropd_kernels/backends.py); ``clip`` is in base 2;
+    ``EXACT_DIVERGENCE`` sums reverse KL in float64 (set for float32 gradients, see _target_sweep).
 
     Writes ``row_loss[row]`` = D (nats), ``diagnostics[k, row]`` when ``WITH_DIAGNOSTICS``, and the
     scaled gradient row when ``WRITE_GRAD``. Row offsets are 64-bit so that N·V >= 2^31 works.
@@ -242,8 +282,8 @@ def anchored_residual_rows_kernel(
         temperature = tl.load(row_temperature_ptr + row)
         scale = (1.0 / temperature) * LOG2_E
         normalizers = _log_normalizers(rows[0], rows[1], rows[2], vocab, scale, BLOCK_V)
-        target_normalizer, divergence, diagnostics = _target_sweep(
-            rows, normalizers, vocab, scale, lam, clip, DIVERGENCE, WITH_DIAGNOSTICS, BLOCK_V)
+        target_normalizer, divergence, student_gap, diagnostics = _target_sweep(
+            rows, normalizers, vocab, scale, lam, clip, DIVERGENCE, WITH_DIAGNOSTICS, EXACT_DIVERGENCE, BLOCK_V)
         kl_student_mixture = 0.0
         if DIVERGENCE == JSD:
             kl_target_mixture, kl_student_mixture = _jsd_sweep(
@@ -254,7 +294,7 @@ def anchored_residual_rows_kernel(
             _store_diagnostics(diagnostics_ptr, n_rows, row, diagnostics)
         if WRITE_GRAD:
             grad_coefficient = tl.load(grad_scale_ptr + row) / temperature
-            _gradient_sweep(rows, normalizers, target_normalizer, grad_row, vocab, scale, divergence,
+            _gradient_sweep(rows, normalizers, target_normalizer, grad_row, vocab, scale, student_gap,
                             kl_student_mixture, lam, clip, beta, grad_coefficient, DIVERGENCE, BLOCK_V)
     else:
         tl.store(row_loss_ptr + row, 0.0)

@@ -55,6 +55,12 @@ def divergence_kind(beta: float) -> int:
     return JSD.value
 
 
+def exact_divergence(beta: float, grad_out: torch.Tensor | None) -> bool:
+    """Whether reverse KL sums its divergence in float64: for float32 gradients, whose confident
+    tokens show float32 rounding of D (a half-precision gradient cannot hold it)."""
+    return beta == 1.0 and grad_out is not None and grad_out.dtype == torch.float32
+
+
 def compute_rows(
     student: torch.Tensor,
     partial: torch.Tensor,
@@ -91,6 +97,6 @@ def compute_rows(
             *(grad_out.stride()[:2] if write_grad else student.stride()[:2]),
             lam, clip * math.log2(math.e), beta,
             DIVERGENCE=divergence_kind(beta), WITH_DIAGNOSTICS=with_diagnostics, WRITE_GRAD=write_grad,
-            BLOCK_V=config.block_v, num_warps=config.num_warps, enable_fp_fusion=ENABLE_FP_FUSION,
+            EXACT_DIVERGENCE=exact_divergence(beta, grad_out if write_grad else None), BLOCK_V=config.block_v, num_warps=config.num_warps, enable_fp_fusion=ENABLE_FP_FUSION,
         )
     return RowResult(row_loss, diagnostics)

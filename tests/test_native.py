@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from aropd_kernels import anchored_residual_kl, native, reference
 from strategies import problems
-from test_properties import check_against_gold
+from test_properties import check_against_gold, confident_student_problem
 
 built = pytest.mark.skipif(not native.available(), reason=f"native kernel not built: {native.unavailable_reason()}")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -85,6 +85,16 @@ def test_largest_vocabulary_matches_gold(problem):
 def test_each_input_dtype_matches_gold(dtype, data):
     problem = data.draw(problems(dtypes=(dtype,)))
     check_against_gold(problem._replace(partial=problem.partial.to(dtype), full=problem.full.to(dtype)), "native")
+
+
+@built
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_confident_student_keeps_the_gradient_rule_under_each_instruction_set(dtype):
+    """Reverse KL of 15 to 115 nats: the float32 gradient's float64 sums (ExactStudentSums) and the
+    half-precision path (RoundedStudentSums) of each copy, with 4, 8 and 16 lanes."""
+    for vocab in (3, 7, 64, 1000):
+        for seed in range(12):
+            check_against_gold(confident_student_problem(vocab, dtype, seed), "native")
 
 
 @built

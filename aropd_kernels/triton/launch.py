@@ -55,10 +55,11 @@ def divergence_kind(beta: float) -> int:
     return JSD.value
 
 
-def exact_divergence(beta: float, grad_out: torch.Tensor | None) -> bool:
-    """Whether reverse KL sums its divergence in float64: for float32 gradients, whose confident
-    tokens show float32 rounding of D (a half-precision gradient cannot hold it)."""
-    return beta == 1.0 and grad_out is not None and grad_out.dtype == torch.float32
+def exact_divergence(divergence: int, grad_dtype: torch.dtype | None) -> bool:
+    """The kernel's ``EXACT_DIVERGENCE``: reverse KL sums its divergence in float64 for a float32
+    gradient, whose confident tokens show float32 rounding of D (a half-precision one cannot hold
+    it). ``grad_dtype`` is None when no gradient is written."""
+    return divergence == REVERSE_KL.value and grad_dtype == torch.float32
 
 
 def compute_rows(
@@ -86,6 +87,7 @@ def compute_rows(
     row_temperature, active = row_temperature.contiguous(), active.contiguous()  # indexed by row number
     grad_scale = grad_scale.contiguous() if write_grad else row_temperature
     config = launch_config(vocab)
+    divergence = divergence_kind(beta)
     # Triton launches on the current CUDA device: make it the logits' device.
     with torch.cuda.device(student.device) if student.is_cuda else contextlib.nullcontext():
         anchored_residual_rows_kernel[(n_rows,)](
@@ -96,7 +98,8 @@ def compute_rows(
             *student.stride()[:2], *partial.stride()[:2], *full.stride()[:2],
             *(grad_out.stride()[:2] if write_grad else student.stride()[:2]),
             lam, clip * math.log2(math.e), beta,
-            DIVERGENCE=divergence_kind(beta), WITH_DIAGNOSTICS=with_diagnostics, WRITE_GRAD=write_grad,
-            EXACT_DIVERGENCE=exact_divergence(beta, grad_out if write_grad else None), BLOCK_V=config.block_v, num_warps=config.num_warps, enable_fp_fusion=ENABLE_FP_FUSION,
+            DIVERGENCE=divergence, WITH_DIAGNOSTICS=with_diagnostics, WRITE_GRAD=write_grad,
+            EXACT_DIVERGENCE=exact_divergence(divergence, grad_out.dtype if write_grad else None),
+            BLOCK_V=config.block_v, num_warps=config.num_warps, enable_fp_fusion=ENABLE_FP_FUSION,
         )
     return RowResult(row_loss, diagnostics)

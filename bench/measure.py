@@ -80,25 +80,34 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time_cpu(call, plan: TimingPlan) -> list[float]:
+def _no_arguments() -> tuple:
+    return ()
+
+
+def _time_cpu(call, plan: TimingPlan, prepare=_no_arguments) -> list[float]:
+    """Wall time of ``call(*prepare())``; ``prepare`` (the provider's student input) is not timed."""
     times = []
     started = time.perf_counter()
     while len(times) < plan.repeats and (len(times) < MIN_REPEATS or time.perf_counter() - started < plan.budget_s):
+        arguments = prepare()
         begin = time.perf_counter()
-        call()
+        call(*arguments)
         times.append(time.perf_counter() - begin)
+        del arguments
     return times
 
 
-def _time_cuda(call, plan: TimingPlan, device: torch.device) -> list[float]:
+def _time_cuda(call, plan: TimingPlan, device: torch.device, prepare=_no_arguments) -> list[float]:
     flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device=device)
     events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
               for _ in range(plan.repeats)]
     for start, end in events:
+        arguments = prepare()
         flush.zero_()
         start.record()
-        call()
+        call(*arguments)
         end.record()
+        del arguments
     torch.cuda.synchronize(device)
     return [start.elapsed_time(end) / 1e3 for start, end in events]
 
@@ -111,25 +120,28 @@ def _proc_status_bytes(key: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {key}; CPU peak memory needs Linux.")
 
 
-def _cpu_peak_growth(call) -> int:
-    """Resident-memory high-water mark during ``call`` minus resident memory before it (Linux)."""
+def _cpu_peak_growth(call, prepare=_no_arguments) -> int:
+    """Resident-memory high-water mark during ``call(*prepare())`` minus resident memory before it,
+    the prepared arguments included (Linux)."""
+    arguments = prepare()
     gc.collect()
     with open("/proc/self/clear_refs", "w") as clear_refs:
         clear_refs.write("5")  # resets VmHWM to the current resident size
     before = _proc_status_bytes("VmRSS")
-    outputs = call()
+    outputs = call(*arguments)
     peak = _proc_status_bytes("VmHWM")
     del outputs
     return peak - before
 
 
-def _cuda_peak_growth(call, device: torch.device) -> int:
-    """max_memory_allocated during ``call`` minus what was allocated before it (the inputs)."""
+def _cuda_peak_growth(call, device: torch.device, prepare=_no_arguments) -> int:
+    """max_memory_allocated during ``call(*prepare())`` minus what was allocated before it (the inputs)."""
+    arguments = prepare()
     gc.collect()
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
-    outputs = call()
+    outputs = call(*arguments)
     torch.cuda.synchronize(device)
     peak = torch.cuda.max_memory_allocated(device)
     del outputs
@@ -148,22 +160,31 @@ def _failure(error: BaseException) -> Outcome:
     return Outcome("error", detail=last_line)
 
 
+def _call_step(step, backward: bool, student, partial, full):
+    return step(student, partial, full, backward)
+
+
 def _measure_modes(job: Job) -> dict[str, Outcome]:
     device = torch.device(job.device)
-    inputs = _inputs(job.shape, getattr(torch, job.dtype), device)
-    step = PROVIDERS[job.provider].make(job.settings)
-    calls = {mode: functools.partial(step, *inputs, mode != "forward") for mode in job.modes}
+    student, partial, full = _inputs(job.shape, getattr(torch, job.dtype), device)
+    provider = PROVIDERS[job.provider]
+    step = provider.make(job.settings)
+
+    def prepare():  # untimed, and counted as input in peak memory
+        return provider.student_input(student), partial, full
 
     outcomes = {}
-    for mode, call in calls.items():
+    for mode in job.modes:
+        call = functools.partial(_call_step, step, mode != "forward")
         try:
             for _ in range(job.plan.warmup):
-                call()
+                call(*prepare())
                 _synchronize(device)
             if device.type == "cuda":
-                outcomes[mode] = Outcome("ok", _time_cuda(call, job.plan, device), _cuda_peak_growth(call, device))
+                outcomes[mode] = Outcome("ok", _time_cuda(call, job.plan, device, prepare),
+                                         _cuda_peak_growth(call, device, prepare))
             else:
-                outcomes[mode] = Outcome("ok", _time_cpu(call, job.plan), _cpu_peak_growth(call))
+                outcomes[mode] = Outcome("ok", _time_cpu(call, job.plan, prepare), _cpu_peak_growth(call, prepare))
         except Exception as error:  # an unavailable kernel or an OOM is a result, not a crash of the sweep
             outcomes[mode] = _failure(error)
         gc.collect()

@@ -5,15 +5,17 @@ The straightforward code is bench/providers.py's eager_loss. torch.compile is me
 (static) shapes, with N marked dynamic as bench/run.py's `compiled` provider does (where training
 settles once N changes between batches), and compiling the same loss written as one sum over all
 elements divided by N, which inductor turns into slower code. Speed-ups are given against the
-fastest of the three. Providers run interleaved, round by round, so that changes in
-the machine's load hit all of them alike.
+fastest of the three. Native is measured as called by default (a fresh gradient buffer) and with
+inplace_grad=True (the gradient written over the student's logits, which the caller hands over as a
+model's forward makes them, before the timer). Providers run interleaved, round by round, so that
+changes in the machine's load hit all of them alike.
 
 Usage: python bench/native_goal.py   (ROUNDS=9 by default; about 2 minutes on 2 cores)
 """
 import gc, os, resource, statistics, subprocess, sys, time
 import torch
 from aropd_kernels import anchored_residual_kl, native
-from providers import LossSettings, eager_loss
+from providers import LossSettings, eager_loss, model_output
 
 N, V, DTYPE = 256, 151936, torch.bfloat16
 
@@ -51,13 +53,27 @@ def with_dynamic_rows(compiled):
     return call
 
 
+def native_inplace(s, a, f):
+    """The same call with inplace_grad=True: the gradient overwrites the student's logits, as in a
+    trainer where nothing reads them after the loss. Needs a non-leaf student (see student_input)."""
+    return anchored_residual_kl(s, a, f, backend="native", inplace_grad=True)
+
+
 PROVIDERS = {
     "native": lambda s, a, f: anchored_residual_kl(s, a, f, backend="native"),
+    "native-inplace": native_inplace,
     "compile": torch.compile(straightforward),
     "compile N-dyn": with_dynamic_rows(torch.compile(straightforward)),
     "compile sum/N": torch.compile(plain_total),
     "eager": straightforward,
 }
+
+def student_input(name, s):
+    """The student logits a provider is handed, made before its timer starts: inplace_grad overwrites
+    them, so that provider gets a fresh non-leaf copy each call, as a model's forward produces them
+    (bench/providers.py:model_output); the others differentiate with respect to `s` itself."""
+    return model_output(s) if name == "native-inplace" else s
+
 
 def step(fn, s, a, f):
     return torch.autograd.grad(fn(s, a, f), s)
@@ -69,12 +85,13 @@ def rss_kb(field):
 
 def memory(name):  # run in a fresh process: peak RSS growth of fwd+bwd after warm-up
     s, a, f = inputs()
-    step(PROVIDERS[name], s, a, f)
+    step(PROVIDERS[name], student_input(name, s), a, f)
+    students = [student_input(name, s) for _ in range(3)]  # made before the baseline: not growth
     gc.collect()
     base = rss_kb("VmRSS:")
     open("/proc/self/clear_refs", "w").write("5")  # reset VmHWM to the current RSS
-    for _ in range(3):
-        step(PROVIDERS[name], s, a, f)
+    for student in students:
+        step(PROVIDERS[name], student, a, f)
     print((rss_kb("VmHWM:") - base) / 1024)
 
 def bandwidth_gbs():
@@ -99,13 +116,14 @@ if __name__ == "__main__":
     print("load before:", os.getloadavg(), "threads:", torch.get_num_threads(), "isa:", native.instruction_set())
     s, a, f = inputs()
     for name, fn in PROVIDERS.items():  # warm-up (compiles)
-        for _ in range(2): step(fn, s, a, f)
+        for _ in range(2): step(fn, student_input(name, s), a, f)
     times = {name: [] for name in PROVIDERS}
     cpu = {name: [] for name in PROVIDERS}  # process CPU time, less sensitive to other load than wall time
     for _ in range(int(os.environ.get("ROUNDS", 9))):  # interleaved rounds: load changes hit all alike
         for name, fn in PROVIDERS.items():
+            student = student_input(name, s)
             c0 = resource.getrusage(resource.RUSAGE_SELF); t0 = time.perf_counter()
-            step(fn, s, a, f)
+            step(fn, student, a, f)
             times[name].append(time.perf_counter() - t0); c1 = resource.getrusage(resource.RUSAGE_SELF)
             cpu[name].append(c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime)
     medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
@@ -118,8 +136,9 @@ if __name__ == "__main__":
         print(f"{name:14} {medians[name]:10.1f} {min(t)*1e3:8.1f} {max(t)*1e3:8.1f} "
               f"{statistics.median(cpu[name])*1e3:8.1f} {growth:19.1f}")
     compiled = min((medians[name], name) for name in PROVIDERS if name.startswith("compile"))
-    print(f"speed-up of native (medians): {compiled[0] / medians['native']:.2f}x vs the fastest torch.compile "
-          f"({compiled[1]}), {medians['eager'] / medians['native']:.2f}x vs eager")
+    for name in ("native", "native-inplace"):
+        print(f"speed-up of {name} (medians): {compiled[0] / medians[name]:.2f}x vs the fastest torch.compile "
+              f"({compiled[1]}), {medians['eager'] / medians[name]:.2f}x vs eager")
     print(f"memory goal: <= 1.25 x {grad_mb:.1f} MB (bf16 gradient) + 64 MB = {1.25 * grad_mb + 64:.1f} MB")
     bw = bandwidth_gbs(); rate = exp_rate_per_core()
     elements = N * V

@@ -4,7 +4,9 @@ A provider is a name, a ``make(settings)`` returning a ``step`` and a ``why_unav
 dtype)`` that returns None when it can run. ``step(student, partial, full, backward)`` computes the
 batch-mean loss, and with ``backward`` also the student gradient; it returns every tensor it made so
 that the caller can hold them while memory is measured. ``student`` requires grad; ``backward=False``
-runs under ``torch.no_grad()`` (a loss evaluated for logging).
+runs under ``torch.no_grad()`` (a loss evaluated for logging). A provider's ``student_input`` makes
+the student tensor each call receives, before its timer starts: the shared leaf itself, or for the
+``inplace_grad`` providers a fresh non-leaf copy, as a model's forward hands its logits to the loss.
 
 Adding a provider is a function that builds a step and one line in ``PROVIDERS``.
 """
@@ -122,13 +124,14 @@ def make_chunked(settings: LossSettings) -> Step:
     return step
 
 
-def package_provider(backend: str) -> tuple[Callable[[LossSettings], Step], Callable]:
+def package_provider(backend: str, inplace_grad: bool = False) -> tuple[Callable[[LossSettings], Step], Callable]:
     """``make`` and ``why_unavailable`` for aropd_kernels.anchored_residual_kl(backend=backend)."""
 
     def make(settings: LossSettings) -> Step:
         return autograd_step(lambda s, a, f: anchored_residual_kl(
             s, a, f, lam=settings.lam, clip=settings.clip, beta=settings.beta,
-            temperature=settings.temperature, reduction="batchmean", backend=backend))
+            temperature=settings.temperature, reduction="batchmean", backend=backend,
+            inplace_grad=inplace_grad))
 
     def why_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
         if backend == "triton" and device.type != "cuda":
@@ -146,10 +149,20 @@ def always_available(device: torch.device, dtype: torch.dtype) -> str | None:
     return None
 
 
+def the_leaf(student: torch.Tensor) -> torch.Tensor:
+    return student
+
+
+def model_output(student: torch.Tensor) -> torch.Tensor:
+    """A non-leaf copy of the student logits with its own storage, which inplace_grad may overwrite."""
+    return student * 1
+
+
 class Provider(NamedTuple):
     make: Callable[[LossSettings], Step]
     why_unavailable: Callable[[torch.device, torch.dtype], str | None]
     description: str
+    student_input: Callable[[torch.Tensor], torch.Tensor] = the_leaf
 
 
 PROVIDERS = {
@@ -157,5 +170,9 @@ PROVIDERS = {
     "compiled": Provider(make_compiled, always_available, "torch.compile of the eager code"),
     "chunked": Provider(make_chunked, always_available, "the eager code over blocks of rows"),
     "triton": Provider(*package_provider("triton"), "aropd_kernels, backend='triton' (CUDA)"),
+    "triton-inplace": Provider(*package_provider("triton", inplace_grad=True),
+                               "the same with inplace_grad=True: the gradient overwrites the logits", model_output),
     "native": Provider(*package_provider("native"), "aropd_kernels, backend='native' (CPU)"),
+    "native-inplace": Provider(*package_provider("native", inplace_grad=True),
+                               "the same with inplace_grad=True: the gradient overwrites the logits", model_output),
 }

@@ -88,7 +88,8 @@ def _format(value, spec: str) -> str:
 def table(rows: list[dict], modes: tuple[str, ...]) -> str:
     """The stdout table: one line per shape × provider, failures numbered with their reason below."""
     by_key = {(r["mode"], r["model"], r["n_tokens"], r["provider"], r["metric"]): r for r in rows}
-    header = (f"{'model':<12} {'N':>6} {'V':>7} {'provider':<9} {'median ms':>10} {'p20-p80 ms':>19} "
+    width = max([len("provider")] + [len(r["provider"]) for r in rows])
+    header = (f"{'model':<12} {'N':>6} {'V':>7} {'provider':<{width}} {'median ms':>10} {'p20-p80 ms':>19} "
               f"{'peak MiB':>9} {'GB/s':>7} {'floor':>6} {'vs eager':>8}")
     reasons: list[str] = []
     lines = []
@@ -97,7 +98,7 @@ def table(rows: list[dict], modes: tuple[str, ...]) -> str:
         seen = dict.fromkeys((r["model"], r["n_tokens"], r["vocab"], r["provider"]) for r in rows if r["mode"] == mode)
         for model, n_tokens, vocab, provider in seen:
             cell = {metric: by_key[(mode, model, n_tokens, provider, metric)] for metric in METRICS}
-            prefix = f"{model:<12} {n_tokens:>6} {vocab:>7} {provider:<9}"
+            prefix = f"{model:<12} {n_tokens:>6} {vocab:>7} {provider:<{width}}"
             status = cell["time_ms"]["status"]
             if status != "ok":
                 reason = f"{status}: {cell['time_ms']['detail']}"

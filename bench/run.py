@@ -43,9 +43,9 @@ def _defaults_help() -> str:
         "(CPU: under 3 minutes on 2 cores)",
         "models: " + ", ".join(f"{name} (V={vocab})" for name, vocab in shapes.MODEL_VOCAB.items()),
         "providers:",
-        *(f"  {name:<9}{provider.description}" for name, provider in PROVIDERS.items()),
+        *(f"  {name:<16}{provider.description}" for name, provider in PROVIDERS.items()),
         "The loss: the public API's defaults, reverse KL (--beta 1), lam=1, clip=5, temperature=1, batch mean.",
-        "Memory is the peak above the inputs (the gradient included).",
+        "Memory is the peak above the inputs (the gradient included, unless it overwrites the logits).",
     ]
     return "\n".join(lines)
 

@@ -22,7 +22,9 @@ if str(REPO_ROOT) not in sys.path:
 
 from aropd_kernels import anchored_residual_kl, backends  # noqa: E402
 from bench import measure, report  # noqa: E402
-from bench.providers import PROVIDERS, LossSettings, eager_loss, make_chunked, package_provider  # noqa: E402
+from bench.providers import (  # noqa: E402
+    PROVIDERS, LossSettings, eager_loss, make_chunked, model_output, package_provider,
+)
 from bench.shapes import Shape  # noqa: E402
 
 
@@ -96,6 +98,40 @@ def test_package_providers_are_thin_calls_of_the_public_api():
     torch.testing.assert_close(grad, eager_grad)
 
 
+def test_inplace_providers_return_the_gradient_in_the_logits_they_were_handed():
+    make, _ = package_provider("reference", inplace_grad=True)
+    student, partial, full = (_logits(5, 77, seed) for seed in range(3))
+    student.requires_grad_()
+    settings = LossSettings(clip=2.0)
+    logits = model_output(student)
+    loss, grad = make(settings)(logits, partial, full, True)
+    eager_value, eager_grad = PROVIDERS["eager"].make(settings)(student, partial, full, True)
+    assert grad.data_ptr() == logits.data_ptr() and not logits.is_leaf
+    torch.testing.assert_close(loss, eager_value)
+    torch.testing.assert_close(grad, eager_grad)
+    assert PROVIDERS["native-inplace"].student_input is model_output
+    assert PROVIDERS["native"].student_input(student) is student
+
+
+def _growth_of_calls_on_prepared_inputs(connection, n_floats):
+    source = torch.ones(n_floats)
+
+    def prepare():
+        return (source * 1,)
+
+    in_place = measure._cpu_peak_growth(lambda x: x.mul_(2), prepare)
+    allocating = measure._cpu_peak_growth(lambda x: x * 2, prepare)
+    connection.send((in_place, allocating))
+
+
+def test_cpu_peak_growth_counts_prepared_arguments_as_inputs():
+    n_floats = 4 * 2**20
+    result, status, detail = measure._run_in_child(_growth_of_calls_on_prepared_inputs, (n_floats,), timeout_s=120)
+    assert status == "ok", detail
+    in_place, allocating = result
+    assert in_place < 2**20 and abs(allocating - 4 * n_floats) < 2**20
+
+
 def test_unavailable_backends_say_why():
     cpu = torch.device("cpu")
     assert "CUDA" in PROVIDERS["triton"].why_unavailable(cpu, torch.bfloat16)
@@ -139,7 +175,7 @@ def test_a_child_that_dies_or_hangs_is_reported_not_raised():
 
 
 def test_cli_smoke_writes_csv_and_plots_and_reports_unavailable_providers(tmp_path):
-    providers = ["eager", "chunked", "native", "triton"]
+    providers = ["eager", "chunked", "native", "native-inplace", "triton"]
     command = [sys.executable, str(REPO_ROOT / "bench" / "run.py"), "--device", "cpu", "--vocab", "1000",
                "--tokens", "4", "--providers", *providers, "--repeats", "2", "--no-progress",
                "--out", str(tmp_path)]
@@ -161,8 +197,9 @@ def test_cli_smoke_writes_csv_and_plots_and_reports_unavailable_providers(tmp_pa
         assert float(by_key[("eager", "4", mode, "speedup_vs_eager")]["median"]) == 1.0
         triton = by_key[("triton", "4", mode, "time_ms")]
         assert triton["status"] == "unavailable" and triton["detail"] and not triton["median"]
-        native = by_key[("native", "4", mode, "time_ms")]
-        assert native["status"] == ("ok" if backends.native_available() else "unavailable"), native["detail"]
+        for provider in ("native", "native-inplace"):
+            native = by_key[(provider, "4", mode, "time_ms")]
+            assert native["status"] == ("ok" if backends.native_available() else "unavailable"), native["detail"]
     assert {r["device"] for r in rows} != {""} and {r["torch_version"] for r in rows} == {torch.__version__}
     assert "unavailable [" in completed.stdout
     try:

@@ -14,25 +14,27 @@ over row views:
   float32, bfloat16 or float16, mixed freely (the reference also takes float64).
 - ``row_temperature``: float32 ``[N]``, every entry > 0.
 - ``active``: bool ``[N]``. Inactive rows get loss 0, diagnostics 0, gradient 0, and no other work.
-- ``grad_scale``: float32 ``[N]`` or None. When given, ``grad_out`` (``[B, T, V]``, the student's dtype,
-  unit stride in V, possibly ``student`` itself for ``inplace_grad``) receives
+- ``grad_scale``: float32 ``[N]`` or None. When given, ``grad_out`` (``[B, T, V]``, the student's dtype
+  or float32, unit stride in V, possibly ``student`` itself for ``inplace_grad``) receives
   ``grad_scale[i] * dD_i / ds[i, v]`` on active rows and exact zeros on inactive rows.
 - ``lam`` >= 0, ``clip`` > 0 (may be ``math.inf``), ``beta`` in [0, 1]: validated Python floats.
 
 It returns the unweighted per-row divergence ``D_i`` (float32, float64 for float64 input) and, when
-``with_diagnostics``, a float32 ``[4, N]`` tensor (belief_shift, clipped_mass, student_entropy,
-target_entropy). Validation, flattening, weights and reductions live in ``functional.py``, never here.
+``with_diagnostics``, a float32 ``[N_DIAGNOSTICS, N]`` tensor (belief_shift, clipped_mass,
+student_entropy, target_entropy). Validation, flattening, weights and reductions live in ``functional.py``, never here.
 """
 
 from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from typing import NamedTuple
 
 import torch
 
 BACKENDS = ("auto", "triton", "native", "reference")
+N_DIAGNOSTICS = 4  # rows of RowResult.diagnostics, in the order of functional.Diagnostics
 
 
 class RowResult(NamedTuple):
@@ -81,8 +83,11 @@ def resolve(backend: str, device: torch.device, dtypes: tuple[torch.dtype, ...])
             )
         return "reference"
     if backend == "auto":
-        if device.type == "cuda" and triton_available():
-            return "triton"
+        if device.type == "cuda":
+            reason = triton_unavailable_reason()
+            if reason is None:
+                return "triton"
+            _warn_reference_on_cuda(reason)
         if device.type == "cpu" and native_available():
             return "native"
         return "reference"
@@ -104,6 +109,23 @@ def resolve(backend: str, device: torch.device, dtypes: tuple[torch.dtype, ...])
             raise ValueError(f"backend='native' is not built: {reason}. Use backend='reference' or reinstall.")
         return "native"
     return "reference"
+
+
+_warned_reference_on_cuda = False
+
+
+def _warn_reference_on_cuda(reason: str) -> None:
+    """Once per process: auto falls back to the reference on CUDA, which materializes N×V tensors."""
+    global _warned_reference_on_cuda
+    if _warned_reference_on_cuda:
+        return
+    _warned_reference_on_cuda = True
+    warnings.warn(
+        f"aropd_kernels: backend='auto' on CUDA tensors runs the pure-torch reference, which materializes "
+        f"several N×V float32 tensors, because the Triton backend is unavailable: {reason}. Install the "
+        "Triton that your torch build pins (torch's CUDA wheels bring it) to use the fused kernels.",
+        RuntimeWarning, stacklevel=4,
+    )
 
 
 def compute_rows(name: str, *args, **kwargs) -> RowResult:

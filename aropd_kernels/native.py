@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .backends import RowResult
+from .backends import N_DIAGNOSTICS, RowResult
 
 try:
     from . import _native
@@ -23,7 +23,6 @@ else:
     _IMPORT_ERROR = None
 
 _BUILD_STATUS = Path(__file__).with_name("_native_build.txt")
-N_DIAGNOSTICS = 4
 
 
 def available() -> bool:
@@ -121,8 +120,9 @@ def compute_rows(
     if (grad_scale is None) != (grad_out is None):
         raise ValueError("native backend: grad_scale and grad_out are given together or not at all.")
     if grad_out is not None:
-        if grad_out.dtype != student.dtype:
-            raise TypeError(f"native backend: grad_out must have the student's dtype {student.dtype}, got {grad_out.dtype}.")
+        if grad_out.dtype not in (student.dtype, torch.float32):
+            raise TypeError(f"native backend: grad_out must be float32 or the student's dtype {student.dtype}, "
+                            f"got {grad_out.dtype}.")
         grad_scale = _per_row(grad_scale, "grad_scale", torch.float32, n_rows)
     grad_view = _view(grad_out, "grad_out", n_rows, vocab)
     if n_rows == 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aropd_kernels import DoubleBackwardError, anchored_residual_kl
+from conftest import gold
 
 
 def _teachers(shape, seed):
@@ -96,3 +98,102 @@ def test_compiles_without_graph_breaks_and_matches_eager(reduction):
     torch.testing.assert_close(compiled_loss, eager_loss)
     torch.testing.assert_close(compiled_shift, eager_shift)
     torch.testing.assert_close(compiled_head.grad, eager_head.grad)
+
+
+# --- the stored gradient under autograd: accumulation, retained graphs, incoming gradients ----------
+
+
+def _logits(shape=(4, 37), seed=3, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(seed)
+    return [(torch.randn(shape, generator=generator) * 3).to(dtype) for _ in range(3)]
+
+
+def test_backward_with_retain_graph_accumulates_one_gradient_per_call():
+    student, partial, full = _logits()
+    leaf = student.clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(anchored_residual_kl(leaf, partial, full), leaf)
+    loss = anchored_residual_kl(leaf, partial, full)
+    for calls in (1, 2, 3):
+        loss.backward(retain_graph=True)
+        torch.testing.assert_close(leaf.grad, calls * expected, rtol=0, atol=0)
+
+
+def test_two_losses_on_the_same_logits_each_contribute_theirs():
+    student, partial, full = _logits()
+    leaf = student.clone().requires_grad_(True)
+    kwargs = [dict(beta=1.0), dict(beta=0.0, lam=0.5)]
+    expected = [torch.autograd.grad(anchored_residual_kl(leaf, partial, full, **k), leaf)[0] for k in kwargs]
+    first, second = (anchored_residual_kl(leaf, partial, full, **k) for k in kwargs)
+    first.backward(retain_graph=True)
+    second.backward(retain_graph=True)
+    torch.testing.assert_close(leaf.grad, expected[0] + expected[1])
+    (first + second).backward()  # the engine sums both branches, then accumulates into .grad
+    torch.testing.assert_close(leaf.grad, 2 * (expected[0] + expected[1]))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_an_incoming_gradient_is_applied_in_float32_and_rounded_once(dtype):
+    """(loss / 3).backward(): the stored gradient times 1/3 in float32, rounded once to the student's
+    dtype; rounding 1/3 to bfloat16 first (0.3340) would bias every entry by +0.2 %."""
+    student, partial, full = _logits((64, 300), dtype=dtype)
+    leaf = student.clone().requires_grad_(True)
+    (stored,) = torch.autograd.grad(anchored_residual_kl(leaf, partial, full), leaf)
+    (scaled,) = torch.autograd.grad(anchored_residual_kl(leaf, partial, full) / 3, leaf)
+    assert torch.equal(scaled, (stored.float() * torch.tensor(1 / 3)).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_per_token_incoming_gradients_are_applied_in_float32(dtype):
+    student, partial, full = _logits((2, 5, 300), dtype=dtype)
+    leaf = student.clone().requires_grad_(True)
+    token_weights = torch.rand(2, 5, generator=torch.Generator().manual_seed(4)) * 3
+    (stored,) = torch.autograd.grad(anchored_residual_kl(leaf, partial, full, reduction="none").sum(), leaf)
+    per_token = anchored_residual_kl(leaf, partial, full, reduction="none")
+    (weighted,) = torch.autograd.grad((per_token * token_weights).sum(), leaf)
+    assert torch.equal(weighted, (stored.float() * token_weights.unsqueeze(-1)).to(dtype))
+
+
+def test_float16_gradient_survives_a_gradscaler_loss_scale():
+    """float16 logits under a loss scale S: the gradient is kept in float32 until backward, so that
+    entries below float16's range before scaling (p of unlikely tokens over N) are not flushed."""
+    vocab, rows, scale = 2000, 256, 2.0**16
+    generator = torch.Generator().manual_seed(5)
+    student = (torch.randn(rows, vocab, generator=generator) * 4).half()
+    partial, full = (torch.randn(rows, vocab, generator=generator) * 4 for _ in range(2))
+    leaf = student.clone().requires_grad_(True)
+    (anchored_residual_kl(leaf, partial, full) * scale).backward()  # what GradScaler.scale(loss) does
+    expected = gold(student.double(), partial, full, lam=1.0, clip=5.0, beta=1.0, temperature=1.0).grad
+    expected = (expected / rows * scale).half()  # the exact gradient, scaled, rounded once
+    representable = expected != 0
+    assert (leaf.grad[representable] != 0).all(), "scaled entries that float16 holds were flushed to zero"
+    assert (leaf.grad.float() - expected.float()).abs().max() <= expected.float().abs().max() * 2**-10
+
+
+def test_the_custom_op_declares_no_mutation_and_inplace_calls_bypass_it():
+    schema = torch.ops.aropd.anchored_residual_kl.default._schema
+    assert all(arg.alias_info is None or not arg.alias_info.is_write for arg in schema.arguments)
+    student, partial, full = _logits()
+    logits = student.clone().requires_grad_(True) * 1
+    with mock.patch("aropd_kernels.functional.anchored_residual_kl_op",
+                    side_effect=AssertionError("the mutation-free op ran for inplace_grad=True")):
+        anchored_residual_kl(logits, partial, full, inplace_grad=True).backward()
+
+
+def test_compiles_with_dynamic_shapes_and_symbolic_floats():
+    """torch.compile(dynamic=True) turns Python floats into symbolic ones: lam, clip and the temperature
+    must still validate and reach the kernel, for every value, without graph breaks."""
+    student, partial, full = _logits((2, 4, 33))
+
+    def step(logits, lam, clip, temperature):
+        return anchored_residual_kl(logits, partial, full, lam=lam, clip=clip, temperature=temperature)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, dynamic=True)
+    for lam, clip, temperature in ((0.8, 2.0, 1.3), (0.4, 5.0, 0.7)):
+        eager_leaf, compiled_leaf = (student.clone().requires_grad_(True) for _ in range(2))
+        eager_loss, compiled_loss = step(eager_leaf, lam, clip, temperature), compiled(compiled_leaf, lam, clip,
+                                                                                    temperature)
+        eager_loss.backward()
+        compiled_loss.backward()
+        torch.testing.assert_close(compiled_loss, eager_loss)
+        torch.testing.assert_close(compiled_leaf.grad, eager_leaf.grad)

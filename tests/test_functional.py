@@ -225,3 +225,29 @@ def test_forward_kl_is_infinite_where_the_student_forbids_a_target_token_and_its
     expected = torch.softmax(student, -1) - torch.exp(
         anchored_residual_target(partial, full, lam=1.0, clip=5.0))  # (p - q) / T with T = 1
     torch.testing.assert_close(grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_seq_mean_skips_sequences_without_an_active_token():
+    student, partial, full = _problem(3, 4, 17, seed=19)
+    mask = torch.tensor([[True, True, False, True], [False] * 4, [True, False, False, False]])
+    per_token = anchored_residual_kl(student, partial, full, mask=mask, reduction="none")
+    expected = (per_token[0].sum() / 3 + per_token[2].sum() / 1) / 2  # the empty sequence does not count
+    torch.testing.assert_close(anchored_residual_kl(student, partial, full, mask=mask, reduction="seq_mean"), expected)
+
+
+def test_seq_mean_over_micro_batches_with_the_global_sequence_count(backend):
+    """Gradient accumulation: each micro-batch divides by the number of non-empty sequences of the
+    whole batch, so that the micro-batch losses and gradients add up to the whole batch's."""
+    student, partial, full = _problem(6, 5, 23, seed=20)
+    mask = torch.rand(6, 5, generator=torch.Generator().manual_seed(21)) > 0.5
+    mask[1] = False
+    whole_loss, whole_grad = _grad(lambda s: anchored_residual_kl(
+        s, partial, full, mask=mask, reduction="seq_mean", backend=backend), student)
+    sequences = int((mask.sum(-1) > 0).sum())
+    leaf = student.clone().requires_grad_(True)
+    total = sum(anchored_residual_kl(leaf[rows], partial[rows], full[rows], mask=mask[rows], reduction="seq_mean",
+                                     num_items_in_batch=count, backend=backend)
+                for rows, count in ((slice(0, 2), sequences), (slice(2, 6), torch.tensor(sequences))))
+    total.backward()
+    torch.testing.assert_close(total.detach(), whole_loss)
+    torch.testing.assert_close(leaf.grad, whole_grad)

@@ -115,7 +115,7 @@ def test_mixed_dtypes_match_gold(dtypes, data):
 
 
 @built
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)  # float16 in place is refused
 @pytest.mark.parametrize("beta", [1.0, 0.0, 0.4])
 def test_inplace_grad_equals_the_separate_gradient(dtype, beta):
     generator = torch.Generator().manual_seed(7)
@@ -275,7 +275,7 @@ def test_contract_checks_layout_and_dtypes():
     with pytest.raises(ValueError, match="unit stride in V"):
         strided = torch.randn(1, 2, 16)[..., ::2]
         native.compute_rows(strided, good, good, grad_scale=None, grad_out=None, **rows)
-    with pytest.raises(TypeError, match="grad_out must have the student's dtype"):
+    with pytest.raises(TypeError, match="grad_out must be float32 or the student.s dtype"):
         native.compute_rows(good, good, good, grad_scale=torch.ones(2), grad_out=good.half(), **rows)
     with pytest.raises(ValueError, match="row_temperature must be a CPU torch.float32"):
         native.compute_rows(good, good, good, grad_scale=None, grad_out=None,

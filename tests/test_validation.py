@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from unittest import mock
 
 import pytest
@@ -53,7 +54,19 @@ CASES = [
     ("weights shape", _inputs, {"weights": torch.ones(2, 3, 1)}, ValueError, "weights must have"),
     ("weights integer", _inputs, {"weights": torch.ones(2, 3, dtype=torch.long)}, TypeError, "weights must be a floating"),
     ("num_items with sum", _inputs, {"reduction": "sum", "num_items_in_batch": 4}, ValueError, "only applies"),
-    ("num_items zero", _inputs, {"num_items_in_batch": 0}, ValueError, "num_items_in_batch must be > 0"),
+    ("inplace on a view of a leaf", lambda: [_leaf_student()[0][:, :-1]] + [x[:, :-1] for x in _inputs()[1:]],
+     {"inplace_grad": True}, ValueError, "a view of one"),
+    ("inplace float16", lambda: [(_inputs()[0].half().requires_grad_(True) * 1)] + _inputs()[1:],
+     {"inplace_grad": True}, ValueError, "GradScaler"),
+    ("num_items zero", _inputs, {"num_items_in_batch": 0}, ValueError, "num_items_in_batch must be a finite number > 0"),
+    ("num_items zero tensor", _inputs, {"num_items_in_batch": torch.tensor(0)}, ValueError,
+     "num_items_in_batch must be a finite number > 0"),
+    ("num_items nan", _inputs, {"num_items_in_batch": math.nan}, ValueError, "num_items_in_batch must be"),
+    ("temperature inf tensor", _inputs, {"temperature": torch.full((2, 3), math.inf)}, ValueError,
+     "temperature must be > 0 and finite"),
+    ("weights require grad", _inputs, {"weights": torch.ones(2, 3, requires_grad=True)}, ValueError,
+     "weights.detach()"),
+    ("mask integer", _inputs, {"mask": torch.ones(2, 3, dtype=torch.long)}, TypeError, "mask.bool()"),
     ("inplace on a leaf", _leaf_student, {"inplace_grad": True}, ValueError, "non-leaf"),
     ("float64 to native", _inputs, {"backend": "native"}, ValueError, None),
 ]
@@ -82,3 +95,14 @@ def test_native_when_not_built_names_the_fix(monkeypatch):
     monkeypatch.setattr(backends, "native_unavailable_reason", lambda: "no C++ compiler was found")
     with pytest.raises(ValueError, match="backend='native' is not built: no C\\+\\+ compiler"):
         anchored_residual_kl(*_inputs(), backend="native")
+
+
+def test_auto_on_cuda_without_triton_warns_once_and_says_how_to_fix_it(monkeypatch):
+    """The reference fallback materializes N×V float32 tensors: say so, once per process."""
+    monkeypatch.setattr(backends, "triton_unavailable_reason", lambda: "triton is not installed")
+    monkeypatch.setattr(backends, "_warned_reference_on_cuda", False)
+    with pytest.warns(RuntimeWarning, match="materializes.*triton is not installed.*Install the Triton"):
+        assert backends.resolve("auto", torch.device("cuda"), (torch.bfloat16,)) == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backends.resolve("auto", torch.device("cuda"), (torch.bfloat16,)) == "reference"

@@ -8,7 +8,7 @@ A backend is a module with a function
 over row views:
 
 - ``student``, ``partial``, ``full``: ``[B, T, V]`` views with unit stride in V and the same B and T
-  (``functional._as_rows`` guarantees it); the two row strides are arbitrary and may differ between
+  (``rows.as_rows`` guarantees it); the two row strides are arbitrary and may differ between
   the three, so a ``logits[:, :-1]`` slice needs no copy. Row
   ``i`` is ``(i // T, i % T)``; every per-row tensor below is flat ``[N = B * T]`` in that order.
   float32, bfloat16 or float16, mixed freely (the reference also takes float64).

@@ -1,23 +1,18 @@
-"""Public entry point: validate (SPEC §6), view as rows, dispatch to a backend, reduce.
+"""Public entry point: validate, view as rows, dispatch to a backend, reduce.
 
-Validation, reshaping, weights and reductions live here once; backends see only the per-row
-contract of :mod:`aropd_kernels.backends`.
+Validation, reshaping, weights and reductions live in :mod:`aropd_kernels.rows`; backends see only
+the per-row contract of :mod:`aropd_kernels.backends`.
 """
 
 from __future__ import annotations
 
-import math
-from numbers import Real
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from . import backends
+from . import backends, rows
 from .ops import InplaceAnchoredResidualKL, anchored_residual_kl_op
-
-REDUCTIONS = ("none", "sum", "batchmean", "seq_mean")
-LOGIT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 class Diagnostics(NamedTuple):
@@ -57,31 +52,24 @@ def anchored_residual_kl(
     ``return_diagnostics``. See docs/api.md for every argument.
     """
     tensors = (student_logits, partial_teacher_logits, full_teacher_logits)
-    _check_logits(*tensors)
-    batch_shape = student_logits.shape[:-1]
-    _check_scalars(lam, clip, beta, reduction, backend, num_items_in_batch)
-    if reduction == "seq_mean" and student_logits.dim() != 3:
-        raise ValueError(
-            f"reduction='seq_mean' needs [B, T, V] logits, got shape {tuple(student_logits.shape)}; "
-            "reshape to [batch, sequence, vocab] or use reduction='batchmean'."
-        )
+    rows.check_logits(*tensors)
+    rows.check_settings(lam, clip, beta, reduction, backend, num_items_in_batch)
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    _check_inplace(student_logits, inplace_grad, compute_grad)
-    active = _active_rows(labels, ignore_index, mask, batch_shape, student_logits.device)
-    row_temperature = _row_temperature(temperature, batch_shape, student_logits.device)
-    row_weights = _row_weights(weights, batch_shape, student_logits.device)
+    rows.check_inplace(student_logits, inplace_grad, compute_grad)
+    batch_shape = student_logits.shape[:-1]
+    plan = rows.plan_rows(batch_shape, student_logits.device, temperature=temperature, labels=labels,
+                          ignore_index=ignore_index, mask=mask, weights=weights, reduction=reduction,
+                          num_items_in_batch=num_items_in_batch)
     name = backends.resolve(backend, student_logits.device, tuple(t.dtype for t in tensors))
 
-    rows_views = _as_rows(*tensors)
-    row_scale = _row_scale(reduction, row_weights, active, batch_shape, num_items_in_batch)
+    rows_views = rows.as_rows(*tensors)
     settings = (float(lam), float(clip), float(beta), reduction != "none")
     if inplace_grad and compute_grad:
-        loss, diagnostics = InplaceAnchoredResidualKL.apply(
-            *rows_views, row_temperature, active, row_scale, *settings, return_diagnostics, name)
+        loss, diagnostics = InplaceAnchoredResidualKL.apply(*rows_views, *plan, *settings, return_diagnostics, name)
         torch.autograd.graph.increment_version(student_logits)  # its storage now holds the gradient
     else:
-        loss, diagnostics, _ = anchored_residual_kl_op(
-            *rows_views, row_temperature, active, row_scale, *settings, compute_grad, return_diagnostics, name)
+        loss, diagnostics, _ = anchored_residual_kl_op(*rows_views, *plan, *settings, compute_grad,
+                                                       return_diagnostics, name)
     if reduction == "none":
         loss = loss.view(batch_shape)
     if not return_diagnostics:
@@ -103,223 +91,3 @@ class AnchoredResidualKL(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
-
-
-# --- validation (SPEC §6): every check runs before any kernel -------------------------------------
-
-_NAMES = ("student_logits", "partial_teacher_logits", "full_teacher_logits")
-
-
-def _check_logits(*tensors: torch.Tensor) -> None:
-    for name, tensor in zip(_NAMES, tensors):
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}.")
-        if tensor.dtype not in LOGIT_DTYPES:
-            raise TypeError(
-                f"{name} has dtype {tensor.dtype}; logits must be float32, bfloat16 or float16 "
-                "(float64 for reference checks). Cast with .float()."
-            )
-        if tensor.dim() == 0 or tensor.shape[-1] == 0:
-            raise ValueError(f"{name} must have shape [..., V] with V >= 1, got {tuple(tensor.shape)}.")
-    student = tensors[0]
-    for name, tensor in zip(_NAMES[1:], tensors[1:]):
-        if tensor.shape != student.shape:
-            raise ValueError(
-                f"{name} has shape {tuple(tensor.shape)} but student_logits has {tuple(student.shape)}; "
-                "align the teacher's logits to the student's completion tokens (see docs/integration.md)."
-            )
-        if tensor.device != student.device:
-            raise ValueError(f"{name} is on {tensor.device} but student_logits is on {student.device}; move it with .to().")
-        if tensor.requires_grad:
-            raise ValueError(
-                f"{name} requires grad, but teachers are constants here: pass {name}.detach() or "
-                "compute the teacher under torch.no_grad()."
-            )
-
-
-def _is_number(value) -> bool:
-    """A real number; under ``torch.compile(dynamic=True)`` Python floats arrive as symbolic ones."""
-    return not isinstance(value, bool) and isinstance(value, (Real, torch.SymFloat, torch.SymInt))
-
-
-def _is_finite(value) -> bool:
-    """math.isfinite for plain and symbolic numbers (NaN fails the first comparison)."""
-    return value == value and -math.inf < value < math.inf
-
-
-def _check_real(name: str, value, condition: str, ok) -> None:
-    """TypeError unless ``value`` is a number; ValueError unless ``ok(value)``."""
-    if not _is_number(value):
-        raise TypeError(f"{name} must be a Python number, got {type(value).__name__}.")
-    if not ok(value):
-        raise ValueError(f"{name} must be {condition}, got {value!r}.")
-
-
-def _check_scalars(lam, clip, beta, reduction, backend, num_items_in_batch) -> None:
-    _check_real("lam", lam, "a finite number >= 0 (1.0 is the paper's default)", lambda x: _is_finite(x) and x >= 0)
-    _check_real("clip", clip, "> 0 (math.inf disables clipping; 5.0 is the paper's default)", lambda x: x > 0)
-    _check_real("beta", beta, "in [0, 1] (1 reverse KL, 0 forward KL, between: JSD)", lambda x: 0 <= x <= 1)
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}.")
-    if backend not in backends.BACKENDS:
-        raise ValueError(f"backend must be one of {backends.BACKENDS}, got {backend!r}.")
-    if num_items_in_batch is not None:
-        _check_num_items(num_items_in_batch, reduction)
-
-
-def _check_num_items(num_items_in_batch, reduction: str) -> None:
-    if reduction not in ("batchmean", "seq_mean"):
-        raise ValueError(
-            f"num_items_in_batch only applies to reduction='batchmean' (tokens) or 'seq_mean' (sequences), "
-            f"got reduction={reduction!r}; drop it or switch the reduction."
-        )
-    counted = "tokens" if reduction == "batchmean" else "sequences"
-    condition = f"a finite number > 0 (the number of {counted} in the whole batch)"
-    if not isinstance(num_items_in_batch, torch.Tensor):
-        _check_real("num_items_in_batch", num_items_in_batch, condition, lambda x: _is_finite(x) and x > 0)
-        return
-    if num_items_in_batch.numel() != 1:
-        raise ValueError("num_items_in_batch must be a number or a one-element tensor.")
-    if num_items_in_batch.requires_grad:
-        raise ValueError("num_items_in_batch must not require grad; pass num_items_in_batch.detach().")
-    if not torch.compiler.is_compiling() and not bool(
-            (torch.isfinite(num_items_in_batch) & (num_items_in_batch > 0)).all()):
-        raise ValueError(f"num_items_in_batch must be {condition}, got {num_items_in_batch.item()!r}.")
-
-
-def _check_inplace(student: torch.Tensor, inplace_grad: bool, compute_grad: bool) -> None:
-    if not inplace_grad:
-        return
-    if student.is_leaf and student.requires_grad:
-        raise ValueError(
-            "inplace_grad=True would overwrite a leaf tensor that requires grad; use it on logits "
-            "produced by the model (a non-leaf), or set inplace_grad=False."
-        )
-    base = student._base
-    if base is not None and base.is_leaf and base.requires_grad:
-        raise ValueError(
-            "inplace_grad=True would overwrite a leaf tensor that requires grad: student_logits is a view "
-            "of one (e.g. leaf[:, :-1]); use it on logits produced by the model (a non-leaf), or set "
-            "inplace_grad=False."
-        )
-    if not compute_grad:
-        return
-    if torch.compiler.is_compiling():
-        raise ValueError("inplace_grad=True is eager-only; set inplace_grad=False under torch.compile.")
-    if student.dtype == torch.float16:
-        raise ValueError(
-            "inplace_grad=True with float16 logits would round the gradient to float16 in the forward pass, "
-            "before a GradScaler's loss scale, flushing entries below 6e-8 to zero; set inplace_grad=False "
-            "(the gradient is then kept in float32 until backward) or use bfloat16 logits."
-        )
-
-
-def _check_per_token(name: str, tensor, batch_shape, dtypes: str, ok, fix: str = "") -> None:
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of shape {tuple(batch_shape)}, got {type(tensor).__name__}.")
-    if tensor.shape != batch_shape:
-        raise ValueError(
-            f"{name} must have the logits' shape without the vocabulary dimension, {tuple(batch_shape)}, "
-            f"got {tuple(tensor.shape)}."
-        )
-    if not ok(tensor.dtype):
-        raise TypeError(f"{name} must be a {dtypes} tensor, got {tensor.dtype}{fix}.")
-
-
-def _active_rows(labels, ignore_index, mask, batch_shape, device) -> torch.Tensor:
-    """bool [N]: rows that count. labels == ignore_index and mask == False are skipped."""
-    active = torch.ones(batch_shape.numel(), dtype=torch.bool, device=device)
-    if labels is not None:
-        _check_per_token("labels", labels, batch_shape, "integer",
-                         lambda d: not d.is_floating_point and not d.is_complex and d != torch.bool)
-        active &= labels.to(device).reshape(-1) != ignore_index
-    if mask is not None:
-        _check_per_token("mask", mask, batch_shape, "bool", lambda d: d == torch.bool,
-                         fix=" (an integer attention mask: pass mask.bool())")
-        active &= mask.to(device).reshape(-1)
-    return active
-
-
-def _row_temperature(temperature, batch_shape, device) -> torch.Tensor:
-    n_rows = batch_shape.numel()
-    if isinstance(temperature, torch.Tensor):
-        _check_per_token("temperature", temperature, batch_shape, "floating", lambda d: d.is_floating_point)
-        if temperature.requires_grad:
-            raise ValueError("temperature must not require grad; pass temperature.detach().")
-        if not torch.compiler.is_compiling() and not bool(((temperature > 0) & torch.isfinite(temperature)).all()):
-            raise ValueError("temperature must be > 0 and finite for every token; found entries <= 0, inf or NaN.")
-        return temperature.detach().to(device=device, dtype=torch.float32).reshape(n_rows)
-    _check_real("temperature", temperature, "> 0 and finite", lambda x: _is_finite(x) and x > 0)
-    return torch.full((n_rows,), float(temperature), dtype=torch.float32, device=device)
-
-
-def _row_weights(weights, batch_shape, device) -> torch.Tensor | None:
-    if weights is None:
-        return None
-    _check_per_token("weights", weights, batch_shape, "floating", lambda d: d.is_floating_point)
-    if weights.requires_grad:
-        raise ValueError(
-            "weights requires grad, but gradients flow to the student logits only: pass weights.detach() "
-            "(to learn per-token weights, multiply the reduction='none' loss by them instead)."
-        )
-    return weights.detach().to(device=device, dtype=torch.float32).reshape(-1)
-
-
-# --- rows and reductions ---------------------------------------------------------------------------
-
-
-def _row_groups(logits: torch.Tensor) -> list[int]:
-    """Leading dimensions where a new group starts: within a group dimensions merge without a copy."""
-    starts, group_stride = [], None  # stride of the group's innermost dimension of size > 1
-    for dim in range(logits.dim() - 1):
-        size, stride = logits.shape[dim], logits.stride(dim)
-        if size == 1:
-            continue
-        if group_stride is None or group_stride != stride * size:
-            starts.append(dim)
-        group_stride = stride
-    return starts
-
-
-def _as_rows(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    """The same [B, T, V] view of every tensor (unit stride in V), copying only where none exists.
-
-    All three must share B and T, since a kernel maps row i to (i // T, i % T) in each of them.
-    """
-    tensors = [t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous() for t in tensors]
-    vocab, batch_shape = tensors[0].shape[-1], tensors[0].shape[:-1]
-    # a boundary between leading dimensions survives if any tensor cannot merge across it
-    boundaries = sorted({start for t in tensors for start in _row_groups(t)} - {0})
-    if len(boundaries) > 1:  # no common [B, T] view: copy
-        tensors = [t.contiguous() for t in tensors]
-        boundaries = []
-    split = boundaries[0] if boundaries else 0
-    rows_shape = (math.prod(batch_shape[:split]), math.prod(batch_shape[split:]))
-    return [t.reshape(*rows_shape, vocab) for t in tensors]
-
-
-def _global_count(num_items_in_batch, local_count: torch.Tensor) -> torch.Tensor | float:
-    """The reduction's denominator: ``num_items_in_batch`` when given (the count over every micro-batch
-    and rank), else the count of this call."""
-    if num_items_in_batch is None:
-        return local_count
-    if isinstance(num_items_in_batch, torch.Tensor):
-        return num_items_in_batch.to(device=local_count.device, dtype=torch.float32).reshape(())
-    return float(num_items_in_batch)
-
-
-def _row_scale(reduction, row_weights, active, batch_shape, num_items_in_batch) -> torch.Tensor:
-    """Per-row factor turning D_i into its share of the loss: weight times the reduction's normalizer."""
-    scale = active.to(torch.float32)
-    if row_weights is not None:
-        scale = scale * row_weights
-    if reduction == "batchmean":
-        tokens = active.sum().clamp(min=1)
-        scale = scale / _global_count(num_items_in_batch, tokens)
-    elif reduction == "seq_mean":
-        n_sequences, seq_len = batch_shape[0], batch_shape[1]
-        tokens_per_sequence = active.view(n_sequences, seq_len).sum(-1, keepdim=True)
-        sequences = (tokens_per_sequence > 0).sum().clamp(min=1)  # sequences without an active token are skipped
-        scale = scale.view(n_sequences, seq_len) / tokens_per_sequence.clamp(min=1)
-        scale = (scale / _global_count(num_items_in_batch, sequences)).reshape(-1)
-    return scale

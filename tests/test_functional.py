@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from aropd_kernels import AnchoredResidualKL, anchored_residual_kl, anchored_residual_target
-from aropd_kernels.functional import _as_rows
+from aropd_kernels.rows import as_rows
 
 
 def _problem(*shape, seed=0, dtype=torch.float32):
@@ -88,22 +88,22 @@ def test_all_rows_skipped_gives_zero_loss_and_zero_gradient():
 def test_slices_are_viewed_not_copied_and_transposes_are_copied():
     buffer = torch.randn(2, 9, 31)
     sliced, flat, transposed = buffer[:, :-1, :], buffer.view(18, 31)[:16], torch.randn(31, 16).t()
-    (view,) = _as_rows(sliced)
+    (view,) = as_rows(sliced)
     assert view.data_ptr() == sliced.data_ptr() and view.shape == (2, 8, 31)
-    (view,) = _as_rows(flat)
+    (view,) = as_rows(flat)
     assert view.shape == (1, 16, 31) and view.data_ptr() == flat.data_ptr()
-    (view,) = _as_rows(transposed)
+    (view,) = as_rows(transposed)
     assert view.stride(-1) == 1
 
 
 def test_the_three_views_share_batch_and_positions():
     sliced = torch.randn(2, 9, 31)[:, :-1]
     contiguous = torch.randn(2, 8, 31)
-    views = _as_rows(sliced, contiguous, contiguous)
+    views = as_rows(sliced, contiguous, contiguous)
     assert [v.shape for v in views] == [(2, 8, 31)] * 3
     assert views[0].data_ptr() == sliced.data_ptr() and views[1].data_ptr() == contiguous.data_ptr()
     unit_dims = torch.randn(3, 1, 4, 7).transpose(1, 2)  # a size-1 dimension with an odd stride
-    (view,) = _as_rows(unit_dims)
+    (view,) = as_rows(unit_dims)
     assert view.shape == (1, 12, 7) and view.data_ptr() == unit_dims.data_ptr()
 
 

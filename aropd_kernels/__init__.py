@@ -1,14 +1,22 @@
 """Fused anchored-residual divergence kernels for privileged on-policy distillation (AR-OPD)."""
 
-from .functional import AnchoredResidualKL, Diagnostics, anchored_residual_kl
+from .functional import (
+    AnchoredResidualKL,
+    Diagnostics,
+    DistillationDivergence,
+    anchored_residual_kl,
+    distillation_divergence,
+)
 from .ops import DoubleBackwardError
 from .reference import anchored_residual_target
 
 __all__ = [
     "AnchoredResidualKL",
     "Diagnostics",
+    "DistillationDivergence",
     "DoubleBackwardError",
     "anchored_residual_kl",
     "anchored_residual_target",
+    "distillation_divergence",
 ]
 __version__ = "0.1.0"

@@ -3,7 +3,7 @@
 A backend is a module with a function
 
     compute_rows(student, partial, full, row_temperature, active, grad_scale, grad_out, *,
-                 lam, clip, beta, with_diagnostics) -> RowResult
+                 lam, clip, beta, with_diagnostics, labels=None) -> RowResult
 
 over row views:
 
@@ -12,16 +12,23 @@ over row views:
   the three, so a ``logits[:, :-1]`` slice needs no copy. Row
   ``i`` is ``(i // T, i % T)``; every per-row tensor below is flat ``[N = B * T]`` in that order.
   float32, bfloat16 or float16, mixed freely (the reference also takes float64).
+- ``full`` is None for one teacher: the target is then ``softmax(partial / T)`` itself (``lam`` and
+  ``clip`` do not apply, and the two teacher diagnostics are 0). The kernels then read two inputs.
 - ``row_temperature``: float32 ``[N]``, every entry > 0.
 - ``active``: bool ``[N]``. Inactive rows get loss 0, diagnostics 0, gradient 0, and no other work.
 - ``grad_scale``: float32 ``[N]`` or None. When given, ``grad_out`` (``[B, T, V]``, the student's dtype
   or float32, unit stride in V, possibly ``student`` itself for ``inplace_grad``) receives
   ``grad_scale[i] * dD_i / ds[i, v]`` on active rows and exact zeros on inactive rows.
 - ``lam`` >= 0, ``clip`` > 0 (may be ``math.inf``), ``beta`` in [0, 1]: validated Python floats.
+- ``labels``: int64 ``[N]`` or None; with ``with_diagnostics``, the last two diagnostics are the
+  student's and the target's log-probability of token ``labels[i]`` when it lies in ``[0, V)``, and 0
+  otherwise (a vocabulary shard holds only some labels) or without labels.
 
 It returns the unweighted per-row divergence ``D_i`` (float32, float64 for float64 input) and, when
 ``with_diagnostics``, a float32 ``[N_DIAGNOSTICS, N]`` tensor (belief_shift, clipped_mass,
-student_entropy, target_entropy). Validation, flattening, weights and reductions live in ``functional.py``, never here.
+student_entropy, target_entropy, student_token_logprob, target_token_logprob). Validation,
+flattening, weights and reductions live in ``rows.py``, never here. A backend that also runs on
+vocabulary shards provides the stage functions of :mod:`aropd_kernels.shards`.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from typing import NamedTuple
 import torch
 
 BACKENDS = ("auto", "triton", "native", "reference")
-N_DIAGNOSTICS = 4  # rows of RowResult.diagnostics, in the order of functional.Diagnostics
+N_DIAGNOSTICS = 6  # rows of RowResult.diagnostics, in the order of functional.Diagnostics
 
 
 class RowResult(NamedTuple):

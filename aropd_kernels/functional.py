@@ -6,6 +6,7 @@ the per-row contract of :mod:`aropd_kernels.backends`.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -16,12 +17,15 @@ from .ops import InplaceAnchoredResidualKL, anchored_residual_kl_op
 
 
 class Diagnostics(NamedTuple):
-    """Per-token float32 tensors of shape ``[...]``, 0 at skipped tokens, outside autograd."""
+    """Per-token float32 tensors of shape ``[...]``, 0 at skipped tokens, outside autograd; None where
+    they do not apply (the two teacher fields for one teacher, the two token fields without labels)."""
 
-    belief_shift: torch.Tensor  # KL(q_F || q_P): how far the privileged trace moves the teacher
-    clipped_mass: torch.Tensor  # full-teacher probability on tokens whose residual was clipped
+    belief_shift: torch.Tensor | None  # KL(q_F || q_P): how far the privileged trace moves the teacher
+    clipped_mass: torch.Tensor | None  # full-teacher probability on tokens whose residual was clipped
     student_entropy: torch.Tensor  # -sum p log p
     target_entropy: torch.Tensor  # -sum q log q
+    student_token_logprob: torch.Tensor | None  # log p(label)
+    target_token_logprob: torch.Tensor | None  # log q(label)
 
 
 def anchored_residual_kl(
@@ -43,7 +47,7 @@ def anchored_residual_kl(
     inplace_grad: bool = False,
     backend: str = "auto",
 ):
-    """Divergence between the student and the anchored residual target of AR-OPD (SPEC §1, §3).
+    """Divergence between the student and the anchored residual target of AR-OPD.
 
     ``log q = log_softmax(la + lam * clamp(lf - la, -clip, clip))`` where ``la``, ``lf`` are the
     partial and full teachers' log-softmax at ``temperature``. ``beta`` picks the divergence:
@@ -51,30 +55,81 @@ def anchored_residual_kl(
     Gradients flow to ``student_logits`` only. Returns the loss, or ``(loss, Diagnostics)`` when
     ``return_diagnostics``. See docs/api.md for every argument.
     """
-    tensors = (student_logits, partial_teacher_logits, full_teacher_logits)
-    rows.check_logits(*tensors)
+    return _divergence(
+        (student_logits, partial_teacher_logits, full_teacher_logits), rows.ANCHORED_NAMES, lam=lam, clip=clip,
+        beta=beta, temperature=temperature, labels=labels, ignore_index=ignore_index, mask=mask, weights=weights,
+        reduction=reduction, num_items_in_batch=num_items_in_batch, return_diagnostics=return_diagnostics,
+        inplace_grad=inplace_grad, backend=backend)
+
+
+def distillation_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    beta: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    mask: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    reduction: str = "batchmean",
+    num_items_in_batch: int | torch.Tensor | None = None,
+    return_diagnostics: bool = False,
+    inplace_grad: bool = False,
+    backend: str = "auto",
+):
+    """Divergence between the student and one teacher, ``q = softmax(teacher_logits / temperature)``:
+    on-policy distillation, GKD, self-distillation.
+
+    The same ``beta`` convention (1 reverse KL, 0 forward KL, between TRL's generalized JSD), keywords,
+    reductions and rules as :func:`anchored_residual_kl`; the kernels read two inputs instead of three.
+    Diagnostics carry the entropies and, with ``labels``, the labels' log-probabilities.
+    """
+    return _divergence(
+        (student_logits, teacher_logits), rows.ONE_TEACHER_NAMES, lam=0.0, clip=math.inf, beta=beta,
+        temperature=temperature, labels=labels, ignore_index=ignore_index, mask=mask, weights=weights,
+        reduction=reduction, num_items_in_batch=num_items_in_batch, return_diagnostics=return_diagnostics,
+        inplace_grad=inplace_grad, backend=backend)
+
+
+def _divergence(tensors, names, *, lam, clip, beta, temperature, labels, ignore_index, mask, weights, reduction,
+                num_items_in_batch, return_diagnostics, inplace_grad, backend):
+    """Both entry points: validate, plan the rows, run the op, shape the results."""
+    student_logits = tensors[0]
+    rows.check_logits(tensors, names)
     rows.check_settings(lam, clip, beta, reduction, backend, num_items_in_batch)
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
     rows.check_inplace(student_logits, inplace_grad, compute_grad)
-    batch_shape = student_logits.shape[:-1]
+    batch_shape, vocab = student_logits.shape[:-1], student_logits.shape[-1]
     plan = rows.plan_rows(batch_shape, student_logits.device, temperature=temperature, labels=labels,
                           ignore_index=ignore_index, mask=mask, weights=weights, reduction=reduction,
-                          num_items_in_batch=num_items_in_batch)
+                          num_items_in_batch=num_items_in_batch, label_vocab=vocab if return_diagnostics else None)
     name = backends.resolve(backend, student_logits.device, tuple(t.dtype for t in tensors))
 
-    rows_views = rows.as_rows(*tensors)
+    views = rows.as_rows(*tensors)
+    student, teacher, full = views if len(views) == 3 else (*views, None)
     settings = (float(lam), float(clip), float(beta), reduction != "none")
     if inplace_grad and compute_grad:
-        loss, diagnostics = InplaceAnchoredResidualKL.apply(*rows_views, *plan, *settings, return_diagnostics, name)
+        loss, diagnostics = InplaceAnchoredResidualKL.apply(student, teacher, full, *plan, *settings,
+                                                            return_diagnostics, name)
         torch.autograd.graph.increment_version(student_logits)  # its storage now holds the gradient
     else:
-        loss, diagnostics, _ = anchored_residual_kl_op(*rows_views, *plan, *settings, compute_grad,
+        loss, diagnostics, _ = anchored_residual_kl_op(student, teacher, full, *plan, *settings, compute_grad,
                                                        return_diagnostics, name)
     if reduction == "none":
         loss = loss.view(batch_shape)
     if not return_diagnostics:
         return loss
-    return loss, Diagnostics(*(d.view(batch_shape) for d in diagnostics.unbind(0)))
+    return loss, _diagnostics(diagnostics, batch_shape, one_teacher=full is None, with_labels=labels is not None)
+
+
+def _diagnostics(diagnostics: torch.Tensor, batch_shape, *, one_teacher: bool, with_labels: bool) -> Diagnostics:
+    fields = [d.view(batch_shape) for d in diagnostics.unbind(0)]
+    if one_teacher:
+        fields[0] = fields[1] = None
+    if not with_labels:
+        fields[4] = fields[5] = None
+    return Diagnostics(*fields)
 
 
 class AnchoredResidualKL(nn.Module):
@@ -91,3 +146,10 @@ class AnchoredResidualKL(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+
+
+class DistillationDivergence(AnchoredResidualKL):
+    """Module form of :func:`distillation_divergence`; the constructor takes its keyword arguments."""
+
+    def forward(self, student_logits, teacher_logits, **overrides):
+        return distillation_divergence(student_logits, teacher_logits, **{**self.kwargs, **overrides})

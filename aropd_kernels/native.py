@@ -106,8 +106,11 @@ def compute_rows(
     clip: float,
     beta: float,
     with_diagnostics: bool,
+    labels: torch.Tensor | None = None,
 ) -> RowResult:
     """The per-row contract of :func:`aropd_kernels.backends.compute_rows`, in C++ with OpenMP."""
+    if full is None or labels is not None:
+        raise NotImplementedError("one teacher and token log-probabilities: not yet in this backend")
     module = _module()
     if student.dim() != 3:
         raise ValueError(f"native backend: student must be a [B, T, V] view, got shape {tuple(student.shape)}.")
@@ -116,7 +119,7 @@ def compute_rows(
     temperature = _per_row(row_temperature, "row_temperature", torch.float32, n_rows)
     active = _per_row(active, "active", torch.bool, n_rows)
     row_loss = torch.empty(n_rows, dtype=torch.float32)
-    diagnostics = torch.empty(N_DIAGNOSTICS, n_rows, dtype=torch.float32) if with_diagnostics else None
+    diagnostics = torch.zeros(N_DIAGNOSTICS, n_rows, dtype=torch.float32) if with_diagnostics else None
     if (grad_scale is None) != (grad_out is None):
         raise ValueError("native backend: grad_scale and grad_out are given together or not at all.")
     if grad_out is not None:

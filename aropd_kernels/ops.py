@@ -37,13 +37,13 @@ def gradient_dtype(student_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if student_dtype == torch.float16 else student_dtype
 
 
-def _run(student, partial, full, row_temperature, active, row_scale, lam, clip, beta, reduce, with_diagnostics,
-         backend, grad_out):
+def _run(student, partial, full, row_temperature, active, row_scale, labels, lam, clip, beta, reduce,
+         with_diagnostics, backend, grad_out):
     """(loss, diagnostics) of the backend's passes; the scaled gradient goes to ``grad_out`` when given."""
     result = backends.compute_rows(
         backend, student, partial, full, row_temperature, active,
         row_scale if grad_out is not None else None, grad_out,
-        lam=lam, clip=clip, beta=beta, with_diagnostics=with_diagnostics,
+        lam=lam, clip=clip, beta=beta, with_diagnostics=with_diagnostics, labels=labels,
     )
     scaled = result.row_loss * row_scale.to(result.row_loss.dtype)
     loss = scaled.sum() if reduce else scaled
@@ -55,10 +55,11 @@ def _run(student, partial, full, row_temperature, active, row_scale, lam, clip, 
 def anchored_residual_kl_op(
     student: torch.Tensor,
     partial: torch.Tensor,
-    full: torch.Tensor,
+    full: torch.Tensor | None,
     row_temperature: torch.Tensor,
     active: torch.Tensor,
     row_scale: torch.Tensor,
+    labels: torch.Tensor | None,
     lam: float,
     clip: float,
     beta: float,
@@ -67,7 +68,8 @@ def anchored_residual_kl_op(
     with_diagnostics: bool,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (loss, diagnostics, grad) for ``[B, T, V]`` views (see :mod:`aropd_kernels.backends`).
+    """Returns (loss, diagnostics, grad) for ``[B, T, V]`` views (see :mod:`aropd_kernels.backends`;
+    ``full`` is None for one teacher, ``labels`` per row or None).
 
     ``loss`` is ``sum(row_scale * D)`` when ``reduce`` else ``row_scale * D`` per row. ``diagnostics``
     is ``[N_DIAGNOSTICS, N]`` float32, or empty when not asked for. ``grad`` is the scaled student
@@ -75,16 +77,17 @@ def anchored_residual_kl_op(
     """
     grad = (torch.empty(student.shape, dtype=gradient_dtype(student.dtype), device=student.device)
             if compute_grad else student.new_empty(0))
-    loss, diagnostics = _run(student, partial, full, row_temperature, active, row_scale, lam, clip, beta, reduce,
-                             with_diagnostics, backend, grad if compute_grad else None)
+    loss, diagnostics = _run(student, partial, full, row_temperature, active, row_scale, labels, lam, clip, beta,
+                             reduce, with_diagnostics, backend, grad if compute_grad else None)
     return loss, diagnostics, grad
 
 
 @anchored_residual_kl_op.register_fake
-def _(student, partial, full, row_temperature, active, row_scale, lam, clip, beta, reduce, compute_grad,
+def _(student, partial, full, row_temperature, active, row_scale, labels, lam, clip, beta, reduce, compute_grad,
       with_diagnostics, backend):
     n_rows = row_temperature.shape[0]
-    loss = student.new_empty(() if reduce else (n_rows,), dtype=_loss_dtype(student, partial, full))
+    inputs = (student, partial) if full is None else (student, partial, full)
+    loss = student.new_empty(() if reduce else (n_rows,), dtype=_loss_dtype(*inputs))
     diagnostics = student.new_empty((backends.N_DIAGNOSTICS, n_rows) if with_diagnostics else (0,),
                                     dtype=torch.float32)
     grad = student.new_empty(student.shape if compute_grad else (0,),
@@ -139,7 +142,7 @@ def _graph_is_kept() -> bool:
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.reduce = inputs[9]
+    ctx.reduce = inputs[10]
     ctx.student_dtype = inputs[0].dtype
     ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[2])
@@ -148,9 +151,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, _grad_diagnostics, _grad_grad):
     if grad_loss is None:
-        return (None,) * 13
+        return (None,) * 14
     student_grad = incoming_gradient_applied(ctx.saved_tensors[0], grad_loss, ctx.reduce, ctx.student_dtype)
-    return (student_grad,) + (None,) * 12
+    return (student_grad,) + (None,) * 13
 
 
 anchored_residual_kl_op.register_autograd(_backward, setup_context=_setup_context)
@@ -165,10 +168,10 @@ class InplaceAnchoredResidualKL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student, partial, full, row_temperature, active, row_scale, lam, clip, beta, reduce,
+    def forward(ctx, student, partial, full, row_temperature, active, row_scale, labels, lam, clip, beta, reduce,
                 with_diagnostics, backend):
-        loss, diagnostics = _run(student, partial, full, row_temperature, active, row_scale, lam, clip, beta,
-                                 reduce, with_diagnostics, backend, grad_out=student)
+        loss, diagnostics = _run(student, partial, full, row_temperature, active, row_scale, labels, lam, clip,
+                                 beta, reduce, with_diagnostics, backend, grad_out=student)
         ctx.reduce = reduce
         ctx.student_dtype = student.dtype
         ctx.gradient = student  # not save_for_backward: the caller bumps its version after this
@@ -181,4 +184,4 @@ class InplaceAnchoredResidualKL(torch.autograd.Function):
         student_grad = None
         if grad_loss is not None:
             student_grad = incoming_gradient_applied(ctx.gradient, grad_loss, ctx.reduce, ctx.student_dtype)
-        return (student_grad,) + (None,) * 11
+        return (student_grad,) + (None,) * 12

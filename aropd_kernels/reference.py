@@ -1,16 +1,21 @@
-"""Pure-torch reference of SPEC §1: the executable specification.
+"""Pure-torch reference: the executable specification.
 
 It materializes every N×V intermediate, so it is for correctness tests, float64 checks and small
 inputs, not for training at scale. Every other backend is held against it and against the float64
-gold of the tests. It implements the per-row contract of :mod:`aropd_kernels.backends`.
+gold of the tests. It implements the per-row contract of :mod:`aropd_kernels.backends` as the four
+shard stages of :mod:`aropd_kernels.shards` run on one shard, the whole vocabulary, so that the
+single-process and the vocabulary-parallel paths are one computation.
 """
 
 from __future__ import annotations
 
 import math
+import sys
+from typing import NamedTuple
 
 import torch
 
+from . import shards
 from .backends import RowResult
 
 NEG_INF = float("-inf")
@@ -70,98 +75,180 @@ def _inverse_temperature(temperature, like: torch.Tensor, dtype: torch.dtype) ->
     return 1.0 / float(temperature)
 
 
-def _exact_mean(weight: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """Per-row ``sum(weight * value) / sum(weight)`` in float64 from the (float32) terms as given.
+class _Rows(NamedTuple):
+    """The active rows of a problem as ``[n_active, V]`` tensors in the compute dtype."""
 
-    Reverse KL's gradient p ((ls - lq) - D) cancels for a confident token (p near 1, ls - lq close to
-    D): D must be what the rounded p and ls - lq say, to the last bit of the float32 they are in, and
-    the mean over p (sum p is 1 only up to rounding) keeps it from moving with the student's
-    normalizer. A float32 sum is off by up to half an ulp of D per term (docs/math.md, "How D is rounded
-    for the reverse-KL gradient").
-    """
-    weight64 = weight.double()
-    return _xlogy_where(weight64, value.double()).sum(-1) / weight64.sum(-1)
+    indices: torch.Tensor  # positions of the active rows in [N]
+    inv_temperature: torch.Tensor  # [n_active, 1]
+    inputs: tuple[torch.Tensor, ...]  # student, partial and full logits (student, teacher for one teacher)
 
 
-def _divergence_and_score(log_student, log_target, beta):
-    """Per-row divergence D and its gradient w.r.t. the student's log-softmax input, times T.
-
-    Returns (D, dD/d(s/T)); the caller divides by T. See docs/math.md for the three formulas.
-    """
-    p = log_student.exp()
-    q = log_target.exp()
-    if beta == 1.0:  # reverse KL(p || q)
-        gap = log_student - log_target
-        divergence = _exact_mean(p, gap)
-        high = divergence.to(gap.dtype)
-        low = torch.where(high.isfinite(), (divergence - high.double()).to(gap.dtype), 0.0)
-        score = _xlogy_where(p, (gap - high.unsqueeze(-1)) - low.unsqueeze(-1))
-        divergence = divergence.to(gap.dtype)
-    elif beta == 0.0:  # forward KL(q || p)
-        divergence = _xlogy_where(q, log_target - log_student).sum(-1)
-        score = p - q
-    else:  # generalized JSD with mixture m = beta q + (1 - beta) p, formed in log space
-        log_mixture = torch.logaddexp(math.log(beta) + log_target, math.log1p(-beta) + log_student)
-        kl_target_mixture = _xlogy_where(q, log_target - log_mixture).sum(-1)
-        kl_student_mixture = _xlogy_where(p, log_student - log_mixture).sum(-1)
-        divergence = beta * kl_target_mixture + (1 - beta) * kl_student_mixture
-        score = (1 - beta) * _xlogy_where(p, log_student - log_mixture - kl_student_mixture.unsqueeze(-1))
-    return divergence, score
-
-
-def _diagnostics(log_student, log_partial, log_full, log_target, clip) -> torch.Tensor:
-    """[4, N]: belief_shift, clipped_mass, student_entropy, target_entropy (SPEC §3)."""
-    q_full = log_full.exp()
-    belief_shift = _xlogy_where(q_full, log_full - log_partial).sum(-1)
-    clipped = (log_full - log_partial).abs() > clip
-    clipped_mass = torch.where(clipped, q_full, torch.zeros_like(q_full)).sum(-1)
-    student_entropy = -_xlogy_where(log_student.exp(), log_student).sum(-1)
-    target_entropy = -_xlogy_where(log_target.exp(), log_target).sum(-1)
-    return torch.stack([belief_shift, clipped_mass, student_entropy, target_entropy])
-
-
-def compute_rows(
-    student: torch.Tensor,
-    partial: torch.Tensor,
-    full: torch.Tensor,
-    row_temperature: torch.Tensor,
-    active: torch.Tensor,
-    grad_scale: torch.Tensor | None,
-    grad_out: torch.Tensor | None,
-    *,
-    lam: float,
-    clip: float,
-    beta: float,
-    with_diagnostics: bool,
-) -> RowResult:
-    """The per-row contract of :func:`aropd_kernels.backends.compute_rows`, in plain torch."""
-    dtype = _compute_dtype(student, partial, full)
-    inv_temperature = (1.0 / row_temperature.to(dtype)).unsqueeze(-1)
-    rows = active.nonzero().squeeze(-1)  # skipped rows do no work
-
+def _active(student, partial, full, row_temperature, active) -> _Rows:
+    """Skipped rows do no work: every stage runs on the active rows only."""
+    inputs = (student, partial) if full is None else (student, partial, full)
+    dtype = _compute_dtype(*inputs)
+    indices = active.nonzero().squeeze(-1)
     vocab = student.shape[-1]
+    rows = tuple(x.reshape(-1, vocab).index_select(0, indices).to(dtype) for x in inputs)
+    inv_temperature = (1.0 / row_temperature.to(dtype)).index_select(0, indices).unsqueeze(-1)
+    return _Rows(indices, inv_temperature, rows)
 
-    def load(x):
-        return x.reshape(-1, vocab).index_select(0, rows).to(dtype) * inv_temperature.index_select(0, rows)
 
-    log_student = torch.log_softmax(load(student), dim=-1)
-    log_partial = torch.log_softmax(load(partial), dim=-1)
-    log_full = torch.log_softmax(load(full), dim=-1)
-    log_target = torch.log_softmax(log_partial + _scaled_residual(log_partial, log_full, lam, clip), dim=-1)
-    divergence, score = _divergence_and_score(log_student, log_target, beta)
+def _scatter(values: torch.Tensor, rows: _Rows, n_rows: int) -> torch.Tensor:
+    """``[..., n_active]`` values back to ``[..., N]``, zeros at skipped rows."""
+    full = values.new_zeros(values.shape[:-1] + (n_rows,))
+    return full.index_copy_(-1, rows.indices, values)
 
-    n_rows = row_temperature.shape[0]
-    row_loss = torch.zeros(n_rows, dtype=dtype, device=student.device)
-    row_loss.index_copy_(0, rows, divergence)
-    diagnostics = None
+
+def _safe_max(x: torch.Tensor) -> torch.Tensor:
+    """The row max for shifting; 0 where a row is all -inf, so that -inf - -inf never makes a NaN."""
+    row_max = x.amax(-1, keepdim=True)
+    return torch.where(row_max == NEG_INF, torch.zeros_like(row_max), row_max)
+
+
+def shard_normalizers(student, partial, full, row_temperature, active) -> torch.Tensor:
+    """Per input, the raw logits' max and log sum exp((x - max) / T) over this shard (see shards)."""
+    rows = _active(student, partial, full, row_temperature, active)
+    stats = []
+    for x in rows.inputs:
+        row_max = x.amax(-1)
+        log_sum = torch.log(torch.exp((x - _safe_max(x)) * rows.inv_temperature).sum(-1))
+        stats.append(torch.stack([row_max, log_sum]))
+    return _scatter(torch.stack(stats), rows, row_temperature.shape[0])
+
+
+def _log_probs(rows: _Rows, normalizers: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Global log-probabilities (x - max) / T - log_sum of each input, from the combined normalizers:
+    the shift is exact and only the difference is scaled, as in the kernels."""
+    normalizers = normalizers.index_select(-1, rows.indices).to(rows.inputs[0].dtype)
+    return tuple((x - norm[shards.MAX].unsqueeze(-1)) * rows.inv_temperature - norm[shards.LOG_SUM].unsqueeze(-1)
+                 for x, norm in zip(rows.inputs, normalizers))
+
+
+def _target_logits(log_probs: tuple[torch.Tensor, ...], lam: float, clip: float) -> torch.Tensor:
+    """z: the anchored residual target's logits, or the one teacher's log-probabilities."""
+    if len(log_probs) == 2:
+        return log_probs[1]
+    _, log_partial, log_full = log_probs
+    return log_partial + _scaled_residual(log_partial, log_full, lam, clip)
+
+
+def _allowed_where_forbidden(allowed: torch.Tensor, forbidden: torch.Tensor) -> torch.Tensor:
+    """1 for rows with a token that ``allowed`` gives mass and ``forbidden`` does not (log-probabilities)."""
+    return ((allowed > NEG_INF) & (forbidden == NEG_INF)).any(-1).to(allowed.dtype)
+
+
+def _at_labels(values: torch.Tensor, labels: torch.Tensor | None, rows: _Rows) -> torch.Tensor:
+    """values[row, label] where the label is in [0, V), else 0."""
+    if labels is None:
+        return torch.zeros_like(values[:, 0])
+    labels = labels.index_select(0, rows.indices)
+    inside = (labels >= 0) & (labels < values.shape[-1])
+    picked = values.gather(-1, labels.clamp(0, values.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
+    return torch.where(inside, picked, torch.zeros_like(picked))
+
+
+def shard_target_sums(student, partial, full, row_temperature, active, normalizers, labels, *, lam, clip, beta,
+                      with_diagnostics) -> torch.Tensor:
+    """The shard's sums of :mod:`aropd_kernels.shards` (rows named there), float64."""
+    rows = _active(student, partial, full, row_temperature, active)
+    log_probs = _log_probs(rows, normalizers)
+    log_student = log_probs[0]
+    z = _target_logits(log_probs, lam, clip)
+    z_max = z.amax(-1)
+    weight = torch.exp(z - _safe_max(z))
+    p = log_student.exp()
+    sums = torch.zeros(shards.N_TARGET_SUMS, rows.indices.shape[0], dtype=torch.float64, device=student.device)
+    sums[shards.Z_MAX] = z_max
+    sums[shards.Z_LOG_SUM] = torch.log(weight.sum(-1))
+    kind = shards.divergence_kind(beta)
+    if kind == shards.FORWARD_KL:
+        sums[shards.WEIGHTED_TARGET_GAP] = _xlogy_where(weight, z - log_student).sum(-1)
+        sums[shards.INFINITE_DIVERGENCE] = _allowed_where_forbidden(z, log_student)
+    if kind == shards.REVERSE_KL:
+        # products of the (float32) p and ls - z are exact in float64: D is what the rounded terms say
+        sums[shards.STUDENT_GAP] = _xlogy_where(p.double(), (log_student - z).double()).sum(-1)
+        sums[shards.STUDENT_MASS] = p.double().sum(-1)
+        sums[shards.INFINITE_DIVERGENCE] = _allowed_where_forbidden(log_student, z)
     if with_diagnostics:
-        diagnostics = torch.zeros(4, n_rows, dtype=dtype, device=student.device)
-        diagnostics.index_copy_(1, rows, _diagnostics(log_student, log_partial, log_full, log_target, clip))
-        diagnostics = diagnostics.to(torch.float32)  # float32 whatever the compute dtype (SPEC §3)
-    if grad_scale is not None:
-        scale = (grad_scale.to(dtype).index_select(0, rows) * inv_temperature.squeeze(-1).index_select(0, rows))
-        row_grad = (score * scale.unsqueeze(-1)).to(grad_out.dtype)
-        grad_rows = torch.zeros(n_rows, vocab, dtype=grad_out.dtype, device=grad_out.device)
-        grad_rows.index_copy_(0, rows, row_grad)
-        grad_out.copy_(grad_rows.view(grad_out.shape))
-    return RowResult(row_loss, diagnostics)
+        sums[shards.WEIGHTED_TARGET_LOGIT] = _xlogy_where(weight, z).sum(-1)
+        sums[shards.STUDENT_LOG_STUDENT] = _xlogy_where(p, log_student).sum(-1)
+        sums[shards.STUDENT_TOKEN] = _at_labels(log_student, labels, rows)
+        sums[shards.TARGET_TOKEN_LOGIT] = _at_labels(z, labels, rows)
+        if full is not None:
+            _, log_partial, log_full = log_probs
+            q_full = log_full.exp()
+            shift = log_full - log_partial
+            sums[shards.BELIEF_SHIFT] = _xlogy_where(q_full, shift).sum(-1)
+            sums[shards.CLIPPED_MASS] = torch.where(shift.abs() > clip, q_full, torch.zeros_like(q_full)).sum(-1)
+            sums[shards.INFINITE_SHIFT] = _allowed_where_forbidden(log_full, log_partial)
+    return _scatter(sums, rows, row_temperature.shape[0])
+
+
+def _student_and_target(rows: _Rows, normalizers, terms, lam, clip) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ls, z, lq) of the active rows, lq from the whole row's target log-normalizer."""
+    log_probs = _log_probs(rows, normalizers)
+    z = _target_logits(log_probs, lam, clip)
+    lse_target = terms[shards.LSE_TARGET].index_select(0, rows.indices).to(z.dtype).unsqueeze(-1)
+    return log_probs[0], z, z - lse_target
+
+
+def _log_mixture(log_student, log_target, beta: float) -> torch.Tensor:
+    """log m for m = beta q + (1 - beta) p, formed in log space."""
+    return torch.logaddexp(math.log(beta) + log_target, math.log1p(-beta) + log_student)
+
+
+def shard_mixture_sums(student, partial, full, row_temperature, active, normalizers, terms, *, lam, clip,
+                       beta) -> torch.Tensor:
+    """KL(q || m) and KL(p || m) over the shard's tokens (JSD), float64 ``[2, N]``."""
+    rows = _active(student, partial, full, row_temperature, active)
+    log_student, _, log_target = _student_and_target(rows, normalizers, terms, lam, clip)
+    log_mixture = _log_mixture(log_student, log_target, beta)
+    kl_target_mixture = _xlogy_where(log_target.exp(), log_target - log_mixture).sum(-1)
+    kl_student_mixture = _xlogy_where(log_student.exp(), log_student - log_mixture).sum(-1)
+    return _scatter(torch.stack([kl_target_mixture, kl_student_mixture]).double(), rows, row_temperature.shape[0])
+
+
+def _split(value: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 ``value`` as (high, low) in ``dtype`` with high + low = value to float64's precision; low
+    is 0 where high is not finite (inf - inf would make it NaN)."""
+    high = value.to(dtype)
+    low = torch.where(high.isfinite(), (value - high.double()).to(dtype), torch.zeros_like(high))
+    return high, low
+
+
+def shard_gradient(student, partial, full, row_temperature, active, normalizers, terms, grad_scale, grad_out, *,
+                   lam, clip, beta) -> None:
+    """Writes grad_scale / T * dD/ds of the shard's columns into ``grad_out`` (zeros at skipped rows).
+
+    Reverse KL: p ((ls - z) - mean_gap), lse_z cancelling exactly, with mean_gap (float64) subtracted
+    as high then low: where (ls - z) - high cancels (the confident token) the low part is kept.
+    Forward KL: p - q. JSD: (1 - beta) p ((ls - lm) - KL(p || m)).
+    """
+    rows = _active(student, partial, full, row_temperature, active)
+    log_student, z, log_target = _student_and_target(rows, normalizers, terms, lam, clip)
+    p = log_student.exp()
+    active_terms = terms.index_select(1, rows.indices)
+    kind = shards.divergence_kind(beta)
+    if kind == shards.REVERSE_KL:
+        high, low = _split(active_terms[shards.TARGET_MEAN_GAP], z.dtype)
+        score = _xlogy_where(p, ((log_student - z) - high.unsqueeze(-1)) - low.unsqueeze(-1))
+    elif kind == shards.FORWARD_KL:
+        score = p - log_target.exp()
+    else:
+        student_gap = log_student - _log_mixture(log_student, log_target, beta)
+        kl_student_mixture = active_terms[shards.KL_STUDENT_MIXTURE].to(z.dtype).unsqueeze(-1)
+        score = (1 - beta) * _xlogy_where(p, student_gap - kl_student_mixture)
+    scale = grad_scale.to(z.dtype).index_select(0, rows.indices).unsqueeze(-1) * rows.inv_temperature
+    grad_rows = torch.zeros(row_temperature.shape[0], student.shape[-1], dtype=grad_out.dtype, device=grad_out.device)
+    grad_rows.index_copy_(0, rows.indices, (score * scale).to(grad_out.dtype))
+    grad_out.copy_(grad_rows.view(grad_out.shape))
+
+
+def compute_rows(student, partial, full, row_temperature, active, grad_scale, grad_out, *, lam, clip, beta,
+                 with_diagnostics, labels=None) -> RowResult:
+    """The per-row contract of :func:`aropd_kernels.backends.compute_rows`: the shard stages over the
+    whole vocabulary."""
+    return shards.run_stages(sys.modules[__name__], student, partial, full, row_temperature, active, grad_scale,
+                             grad_out, lam=lam, clip=clip, beta=beta, with_diagnostics=with_diagnostics,
+                             labels=labels)

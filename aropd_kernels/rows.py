@@ -26,13 +26,16 @@ class RowPlan(NamedTuple):
     row_temperature: torch.Tensor  # float32, > 0
     active: torch.Tensor  # bool: rows that count
     row_scale: torch.Tensor  # float32: weight times the reduction's normalizer; 0 on skipped rows
+    token_labels: torch.Tensor | None  # int64: the label of each active row, for its log-probabilities
 
 
 def plan_rows(batch_shape: torch.Size, device: torch.device, *, temperature, labels, ignore_index, mask, weights,
-              reduction: str, num_items_in_batch) -> RowPlan:
+              reduction: str, num_items_in_batch, label_vocab: int | None = None) -> RowPlan:
     """Validates the per-token keywords against ``batch_shape`` and derives the rows' plan.
 
     Call :func:`check_settings` first (it validates ``reduction`` and ``num_items_in_batch``).
+    ``label_vocab``: the vocabulary size V when the labels' log-probabilities are wanted; the labels of
+    active rows must then lie in ``[0, V)``.
     """
     if reduction == "seq_mean" and len(batch_shape) != 2:
         raise ValueError(
@@ -42,16 +45,35 @@ def plan_rows(batch_shape: torch.Size, device: torch.device, *, temperature, lab
     active = _active_rows(labels, ignore_index, mask, batch_shape, device)
     row_temperature = _row_temperature(temperature, batch_shape, device)
     row_weights = _row_weights(weights, batch_shape, device)
-    return RowPlan(row_temperature, active, _row_scale(reduction, row_weights, active, batch_shape, num_items_in_batch))
+    row_scale = _row_scale(reduction, row_weights, active, batch_shape, num_items_in_batch)
+    token_labels = None
+    if labels is not None and label_vocab is not None:
+        token_labels = _token_labels(labels, active, label_vocab, device)
+    return RowPlan(row_temperature, active, row_scale, token_labels)
+
+
+def _token_labels(labels: torch.Tensor, active: torch.Tensor, vocab: int, device) -> torch.Tensor:
+    """int64 [N]: each active row's label (checked to lie in [0, V)), -1 on skipped rows."""
+    flat = labels.to(device=device, dtype=torch.int64).reshape(-1)
+    if not torch.compiler.is_compiling():
+        outside = active & ((flat < 0) | (flat >= vocab))
+        if bool(outside.any()):
+            raise ValueError(
+                f"labels must lie in [0, {vocab}) (the vocabulary) or equal ignore_index; found "
+                f"{flat[outside][0].item()} on a counted token. Set such tokens to ignore_index or mask them."
+            )
+    return torch.where(active, flat, torch.full_like(flat, -1))
 
 
 # --- validation: every check runs before any kernel ----------------------------------------------
 
-_NAMES = ("student_logits", "partial_teacher_logits", "full_teacher_logits")
+ANCHORED_NAMES = ("student_logits", "partial_teacher_logits", "full_teacher_logits")
+ONE_TEACHER_NAMES = ("student_logits", "teacher_logits")
 
 
-def check_logits(*tensors: torch.Tensor) -> None:
-    for name, tensor in zip(_NAMES, tensors):
+def check_logits(tensors: tuple[torch.Tensor, ...], names: tuple[str, ...] = ANCHORED_NAMES) -> None:
+    """The student and its teachers: tensors of logits dtypes, one shape and device; teachers constant."""
+    for name, tensor in zip(names, tensors):
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}.")
         if tensor.dtype not in LOGIT_DTYPES:
@@ -62,7 +84,7 @@ def check_logits(*tensors: torch.Tensor) -> None:
         if tensor.dim() == 0 or tensor.shape[-1] == 0:
             raise ValueError(f"{name} must have shape [..., V] with V >= 1, got {tuple(tensor.shape)}.")
     student = tensors[0]
-    for name, tensor in zip(_NAMES[1:], tensors[1:]):
+    for name, tensor in zip(names[1:], tensors[1:]):
         if tensor.shape != student.shape:
             raise ValueError(
                 f"{name} has shape {tuple(tensor.shape)} but student_logits has {tuple(student.shape)}; "

@@ -107,6 +107,20 @@ def gold(student, partial, full, *, lam, clip, beta, temperature, dtype=torch.fl
     return Gold(loss.detach(), diagnostics, grad)
 
 
+def gold_token_logprobs(student, partial, full, labels, *, lam, clip, temperature) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 (log p, log q) at each row's label; ``full=None`` for one teacher (q = softmax(partial / T)).
+    Labels outside [0, V) give 0."""
+    temperature = temperature.double().unsqueeze(-1) if isinstance(temperature, torch.Tensor) else temperature
+    log_student = torch.log_softmax(student.double() / temperature, dim=-1)
+    la = torch.log_softmax(partial.double() / temperature, dim=-1)
+    log_target = la if full is None else gold_target(la, torch.log_softmax(full.double() / temperature, dim=-1),
+                                                     lam, clip)
+    inside = (labels >= 0) & (labels < student.shape[-1])
+    index = labels.clamp(0, student.shape[-1] - 1).unsqueeze(-1)
+    pick = [torch.where(inside, x.gather(-1, index).squeeze(-1), 0.0) for x in (log_student, log_target)]
+    return pick[0], pick[1]
+
+
 def assert_loss_close(actual: torch.Tensor, expected: torch.Tensor, what: str = "loss") -> None:
     """SPEC §4: |error| <= 1e-4 |value| + 1e-5, with +inf where the gold is +inf."""
     actual = actual.detach().double().cpu()

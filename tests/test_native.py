@@ -199,7 +199,7 @@ def test_nan_in_an_input_propagates_to_its_row_only(where, beta):
     expected = anchored_residual_kl(*inputs.values(), beta=beta, reduction="none", backend="reference")
     keep = torch.tensor([True, False, True])
     torch.testing.assert_close(losses[keep], expected[keep], rtol=1e-5, atol=1e-6)
-    assert torch.isfinite(torch.stack(diagnostics)[:, keep]).all()
+    assert torch.isfinite(torch.stack(diagnostics[:4])[:, keep]).all()
 
 
 @built
@@ -221,7 +221,7 @@ def test_negative_infinity_padding_gives_zero_gradient_and_no_nan(dtype, beta):
     assert torch.isfinite(losses[finite_rows]).all()
     assert torch.isfinite(student.grad[finite_rows]).all()
     assert torch.all(student.grad[:, vocab - padding:] == 0)
-    assert not torch.isnan(torch.stack(diagnostics)).any()
+    assert not torch.isnan(torch.stack(diagnostics[:4])).any()
     if beta == 1.0:
         assert losses[0] == math.inf and not torch.isfinite(student.grad[0].float()).all()
 

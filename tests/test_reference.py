@@ -36,7 +36,7 @@ def test_float64_matches_gold(beta, clip, lam):
     per_token, diagnostics, grad = _run(student, partial, full, lam=lam, clip=clip, beta=beta)
     expected = gold(student, partial, full, lam=lam, clip=clip, beta=beta, temperature=1.0)
     torch.testing.assert_close(per_token, expected.loss, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(torch.stack(list(diagnostics)).double(), expected.diagnostics, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.stack(list(diagnostics[:4])).double(), expected.diagnostics, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad, expected.grad, rtol=1e-9, atol=1e-12)
 
 
@@ -70,7 +70,7 @@ def test_negative_infinity_padding_never_gives_nan(beta, dtype):
         tensor[:, -7:] = -math.inf
     per_token, diagnostics, grad = _run(student, partial, full, lam=1.0, clip=math.inf, beta=beta)
     assert torch.isfinite(per_token).all() and torch.isfinite(grad).all()
-    assert torch.isfinite(torch.stack(list(diagnostics))).all()
+    assert torch.isfinite(torch.stack(list(diagnostics[:4]))).all()
     assert torch.all(grad[:, -7:] == 0)
     expected = gold(student, partial, full, lam=1.0, clip=math.inf, beta=beta, temperature=1.0)
     assert_loss_close(per_token, expected.loss)

@@ -9,7 +9,7 @@ from typing import NamedTuple
 import torch
 import triton
 
-from ..backends import RowResult
+from ..backends import N_DIAGNOSTICS, RowResult
 from .kernels import FORWARD_KL, JSD, REVERSE_KL, anchored_residual_rows_kernel
 
 # Up to 2048 elements per block, 4 per thread up to 8 warps (8 per thread only in the widest block):
@@ -75,12 +75,16 @@ def compute_rows(
     clip: float,
     beta: float,
     with_diagnostics: bool,
+    labels: torch.Tensor | None = None,
 ) -> RowResult:
     """The per-row contract of :func:`aropd_kernels.backends.compute_rows`, one program per row."""
+    if full is None or labels is not None:
+        raise NotImplementedError("one teacher and token log-probabilities: not yet in this backend")
     n_batch, rows_per_batch, vocab = student.shape
     n_rows = n_batch * rows_per_batch
     row_loss = torch.empty(n_rows, dtype=torch.float32, device=student.device)
-    diagnostics = torch.empty(4, n_rows, dtype=torch.float32, device=student.device) if with_diagnostics else None
+    diagnostics = (torch.zeros(N_DIAGNOSTICS, n_rows, dtype=torch.float32, device=student.device)
+                   if with_diagnostics else None)
     if n_rows == 0:
         return RowResult(row_loss, diagnostics)
     write_grad = grad_scale is not None

@@ -17,7 +17,11 @@ import contextlib
 import functools
 import json
 import math
+import os
+import re
+import signal
 import socket
+import subprocess
 import sys
 import time
 import traceback
@@ -580,3 +584,22 @@ def launched_checks(tmp_path_factory):
 @pytest.mark.parametrize("name", list(CHECKS))
 def test_vocabulary_parallel(launched_checks, name, world_size):
     assert_passed(launched_checks, name, world_size)
+
+
+def test_the_torchrun_demo_prints_the_single_process_loss():
+    port = _free_port()
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+               "--master-port", str(port), str(EXAMPLES / "vocab_parallel_demo.py")]
+    demo = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group: a timeout kills every rank
+    try:
+        out, err = demo.communicate(timeout=LAUNCH_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(demo.pid, signal.SIGKILL)
+        demo.communicate()
+        raise
+    assert demo.returncode == 0, out + err
+    losses = re.search(r"vocab-parallel loss (\S+)\s+single process (\S+)", out)
+    assert losses and float(losses.group(1)) == pytest.approx(float(losses.group(2)), rel=1e-5), out
+    assert out.strip().endswith("match")
+    assert _nothing_listens_on(port)

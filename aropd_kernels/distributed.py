@@ -123,7 +123,8 @@ _PRIME = 2**31 - 1  # fingerprints are sums modulo this prime: exact in int64, i
 
 
 def fingerprint(tensor: torch.Tensor) -> torch.Tensor:
-    """int64 scalar: the bits of ``tensor``'s entries, weighted by position, summed modulo 2^31 - 1.
+    """int64 scalar: the bits of ``tensor``'s entries weighted by position, and its size, summed modulo
+    2^31 - 1.
 
     Equal tensors give equal fingerprints on every device; different ones differ but by a chance of
     about 1 in 2^31. Exact integer arithmetic, so no rounding can tell equal tensors apart.
@@ -136,7 +137,7 @@ def fingerprint(tensor: torch.Tensor) -> torch.Tensor:
     values = flat.to(torch.int64).remainder(_PRIME)
     positions = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.int64)
     weights = (positions * 48271).remainder(_PRIME)  # distinct for every position below 2^31
-    return (values * weights).remainder(_PRIME).sum().remainder(_PRIME)
+    return ((values * weights).remainder(_PRIME).sum() + flat.numel()).remainder(_PRIME)
 
 
 def _dtype_code(tensor: torch.Tensor | None) -> float:
@@ -264,8 +265,8 @@ def _check_group(process_group) -> None:
 @torch.compiler.disable  # collectives and host-side checks: a graph break, the call runs eagerly
 def sharded_divergence(tensors, names, process_group, **keywords):
     """``functional._divergence`` for a vocabulary split across ranks: (loss, Diagnostics or None)."""
-    student_dtensor = tensors[0] if functional._is_dtensor(tensors[0]) else None
-    if any(functional._is_dtensor(t) for t in tensors):
+    student_dtensor = tensors[0] if functional.is_dtensor(tensors[0]) else None
+    if any(functional.is_dtensor(t) for t in tensors):
         tensors, process_group, keywords = _dtensor_locals(tensors, names, process_group, keywords)
     _check_group(process_group)
     call = facts = error = None

@@ -157,7 +157,8 @@ def run_call(call: PreparedCall, compute_rows=None):
         loss, diagnostics = EagerAnchoredResidualKL.apply(*arguments, inplace, compute_rows or backends.compute_rows)
         if inplace:
             torch.autograd.graph.increment_version(call.student_logits)  # its storage now holds the gradient
-    if not call.settings[-1]:  # reduction="none"
+    *_, reduce = call.settings
+    if not reduce:  # reduction="none": per token
         loss = loss.view(call.batch_shape)
     if not call.return_diagnostics:
         return loss, None
@@ -167,7 +168,7 @@ def run_call(call: PreparedCall, compute_rows=None):
 def _divergence(tensors, names, *, process_group, **keywords):
     """Both entry points: validate, plan the rows, run the op, shape the results; a vocabulary split
     across ranks (a process group, or DTensor inputs) goes to :mod:`aropd_kernels.distributed`."""
-    if process_group is not None or any(_is_dtensor(t) for t in tensors):
+    if process_group is not None or any(is_dtensor(t) for t in tensors):
         from . import distributed  # the only module that calls torch.distributed
 
         loss, diagnostics = distributed.sharded_divergence(tensors, names, process_group, **keywords)
@@ -177,7 +178,7 @@ def _divergence(tensors, names, *, process_group, **keywords):
     return loss if diagnostics is None else (loss, diagnostics)
 
 
-def _is_dtensor(tensor) -> bool:
+def is_dtensor(tensor) -> bool:
     """A torch.distributed.tensor.DTensor (none exists unless that module was imported)."""
     module = sys.modules.get("torch.distributed.tensor")
     return module is not None and isinstance(tensor, module.DTensor)

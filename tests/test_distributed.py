@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 import traceback
+import types
 from datetime import timedelta
 from pathlib import Path
 from typing import NamedTuple
@@ -487,6 +488,34 @@ def dtensor_shards_run_the_same_path(ctx: Rank):
     on_two_dims = distribute_tensor(student, wide, [Replicate(), Shard(-1)])
     refused_on_every_rank(ctx, ValueError, "2-D device mesh",
                           lambda: anchored_residual_kl(on_two_dims, on_two_dims, on_two_dims))
+
+
+# --- in this process ------------------------------------------------------------------------------------
+
+
+def test_a_backend_without_the_shard_stages_is_refused_by_name_and_auto_falls_back(monkeypatch):
+    stageless = types.ModuleType("aropd_kernels.stageless")
+    stageless.compute_rows = None  # a backend of the per-row contract only
+    monkeypatch.setitem(sys.modules, "aropd_kernels.stageless", stageless)
+    with pytest.raises(ValueError, match="backend='stageless' cannot run on a vocabulary shard .* shard_normalizers"):
+        distributed.stage_module("stageless")
+    assert distributed._shard_backend("auto", "stageless") == "reference"
+    with pytest.raises(ValueError, match="stageless"):
+        distributed._shard_backend("stageless", "stageless")
+    assert distributed._shard_backend("auto", "reference") == "reference"
+
+
+def test_fingerprints_tell_tensors_apart_by_value_and_position():
+    labels = torch.tensor([5, -100, 7, 1000, 0])
+    assert distributed.fingerprint(labels) == distributed.fingerprint(labels.clone())
+    changed, swapped = labels.clone(), labels[[2, 1, 0, 3, 4]]
+    changed[3] += 1
+    for other in (changed, swapped, labels[:-1]):
+        assert distributed.fingerprint(other) != distributed.fingerprint(labels)
+    weights = torch.tensor([0.5, 1.0, 2.0])
+    assert distributed.fingerprint(weights) != distributed.fingerprint(torch.nextafter(weights, weights + 1))
+    mask = torch.tensor([True, False, True])
+    assert distributed.fingerprint(mask) != distributed.fingerprint(~mask)
 
 
 # --- the launch ------------------------------------------------------------------------------------------

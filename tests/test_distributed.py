@@ -1,9 +1,10 @@
 """Vocabulary-parallel calls over real process groups: gloo on 127.0.0.1, one spawned process per rank.
 
-Each launch starts every rank once and runs a list of checks in it (a spawned process spends seconds
-importing torch, so checks share launches); each check is then reported as a test of its own. Every
-rank holds the whole problem (seeded, identical everywhere), calls the package on its vocabulary shard
-(uneven: V = 1001 over 2 or 3 ranks), and compares with the float64 gold of the whole vocabulary.
+A spawned process spends seconds importing torch, so one launch starts three ranks and runs every check
+on all three, then on ranks 0 and 1; each (check, world size) is then reported as a test of its own.
+Every rank holds the whole problem (seeded, identical everywhere), calls the package on its vocabulary
+shard (uneven: V = 1001 over 2 or 3 ranks), and compares with the float64 gold of the whole vocabulary.
+The torchrun demo is the second launch.
 
 Nothing can hang: each check runs on process groups of its own whose collectives time out (30 s; 10 s
 in the bad-input checks, which must finish long before), so a rank that fails mid-check leaves the

@@ -48,11 +48,11 @@ def plan_rows(batch_shape: torch.Size, device: torch.device, *, temperature, lab
     row_scale = _row_scale(reduction, row_weights, active, batch_shape, num_items_in_batch)
     token_labels = None
     if labels is not None and label_vocab is not None:
-        token_labels = _token_labels(labels, active, label_vocab, device)
+        token_labels = row_labels(labels, active, label_vocab, device)
     return RowPlan(row_temperature, active, row_scale, token_labels)
 
 
-def _token_labels(labels: torch.Tensor, active: torch.Tensor, vocab: int, device) -> torch.Tensor:
+def row_labels(labels: torch.Tensor, active: torch.Tensor, vocab: int, device) -> torch.Tensor:
     """int64 [N]: each active row's label (checked to lie in [0, V)), -1 on skipped rows."""
     flat = labels.to(device=device, dtype=torch.int64).reshape(-1)
     if not torch.compiler.is_compiling():

@@ -20,6 +20,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from aropd_kernels import anchored_residual_kl, backends
+from bench import vocab_parallel
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,7 @@ class Provider(NamedTuple):
     why_unavailable: Callable[[torch.device, torch.dtype], str | None]
     description: str
     student_input: Callable[[torch.Tensor], torch.Tensor] = the_leaf
+    by_default: bool = True  # in the sweep without --providers
 
 
 PROVIDERS = {
@@ -175,4 +177,11 @@ PROVIDERS = {
     "native": Provider(*package_provider("native"), "aropd_kernels, backend='native' (CPU)"),
     "native-inplace": Provider(*package_provider("native", inplace_grad=True),
                                "the same with inplace_grad=True: the gradient overwrites the logits", model_output),
+    "reference": Provider(*package_provider("reference"), "aropd_kernels, backend='reference' (pure torch; "
+                          "on request)", by_default=False),
+    "vocab-parallel": Provider(vocab_parallel.make, vocab_parallel.why_unavailable,
+                               f"aropd_kernels with process_group=: V split over {vocab_parallel.RANKS} gloo ranks "
+                               "(CPU), each on its share of the cores (on request)", vocab_parallel.first_shard,
+                               by_default=False),
 }
+DEFAULT_PROVIDERS = [name for name, provider in PROVIDERS.items() if provider.by_default]

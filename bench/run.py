@@ -20,7 +20,7 @@ sys.path.insert(0, str(REPO_ROOT))  # `python bench/run.py` puts bench/ on the p
 import torch  # noqa: E402
 
 from bench import measure, report, shapes  # noqa: E402
-from bench.providers import PROVIDERS, LossSettings  # noqa: E402
+from bench.providers import DEFAULT_PROVIDERS, PROVIDERS, LossSettings  # noqa: E402
 
 DTYPES = ("bfloat16", "float16", "float32")
 DEFAULTS = {  # device type -> (models, tokens, timing plan); --quick swaps in shapes.QUICK_* shapes
@@ -55,9 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__, epilog=_defaults_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where to run; auto: cuda when available, else cpu (default: auto)")
-    parser.add_argument("--providers", nargs="+", choices=tuple(PROVIDERS), default=list(PROVIDERS), metavar="NAME",
-                        help=f"providers to compare, from {', '.join(PROVIDERS)} (default: all; unavailable ones "
-                             "are reported as such)")
+    parser.add_argument("--providers", nargs="+", choices=tuple(PROVIDERS), default=DEFAULT_PROVIDERS, metavar="NAME",
+                        help=f"providers to compare, from {', '.join(PROVIDERS)} (default: all but those marked "
+                             "'on request' below; unavailable ones are reported as such)")
     parser.add_argument("--models", nargs="+", metavar="MODEL",
                         help="models from the registry below, case-insensitive (default: by device, see below; "
                              "none when --vocab is given)")

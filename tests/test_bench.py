@@ -208,3 +208,32 @@ def test_cli_smoke_writes_csv_and_plots_and_reports_unavailable_providers(tmp_pa
         assert "no plots" in completed.stderr
     else:
         assert (tmp_path / "time.png").stat().st_size > 0 and (tmp_path / "memory.png").stat().st_size > 0
+
+
+def _vocab_parallel_and_eager_steps(connection, shape):
+    student, partial, full = measure._inputs(shape, torch.float32, torch.device("cpu"))
+    settings = LossSettings(beta=0.5)
+    provider = PROVIDERS["vocab-parallel"]
+    shard = provider.student_input(student)
+    step = provider.make(settings)
+    calls = [step(shard, partial, full, backward) for backward in (True, False, True)]
+    eager = PROVIDERS["eager"].make(settings)(student, partial, full, True)
+    def arrays(tensors):  # tensors would travel as file descriptors, which die with this process
+        return tuple(t.detach().numpy() for t in tensors)
+
+    connection.send(([arrays(call) for call in calls], arrays(eager), shard.shape[-1]))
+
+
+def test_the_vocab_parallel_provider_splits_the_measured_inputs_over_its_ranks():
+    """Rank 0 (the measuring process) and the rank it starts make the single-process loss of the measured
+    inputs, call after call, in both modes; rank 0's gradient is the first columns of the whole one."""
+    shape = Shape("vocab-1001", 5, 1001)
+    result, status, detail = measure._run_in_child(_vocab_parallel_and_eager_steps, (shape,), timeout_s=120)
+    assert status == "ok", detail
+    calls, (eager_loss_value, eager_grad), width = result
+    assert width == 501 and [len(call) for call in calls] == [2, 1, 2]
+    for call in calls:
+        torch.testing.assert_close(torch.from_numpy(call[0]), torch.from_numpy(eager_loss_value), rtol=1e-5, atol=1e-6)
+    for _, grad in (calls[0], calls[2]):
+        torch.testing.assert_close(torch.from_numpy(grad), torch.from_numpy(eager_grad[:, :width]), rtol=1e-4,
+                                   atol=1e-7)

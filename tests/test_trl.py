@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +20,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from aropd_kernels.integrations.trl import TRL_REDUCTIONS, generalized_jsd_loss
-from conftest import assert_grad_close, assert_loss_close, device_for, gold
+from conftest import assert_grad_close, assert_loss_close, backends_under_test, device_for, gold
 
 pytest.importorskip("trl", reason="the TRL comparison needs trl: pip install -e '.[trl]'")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")  # trl.experimental warns on import
@@ -221,3 +225,29 @@ def test_bad_input_is_refused_before_any_work():
         generalized_jsd_loss(student, teacher, beta=1.5)
     with pytest.raises(ValueError, match="num_items_in_batch must be"):
         generalized_jsd_loss(student, teacher, num_items_in_batch=0)
+
+
+# --- the runnable drop-in: python/trl_gkd_dropin.py -------------------------------------------------
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "python" / "trl_gkd_dropin.py"
+
+
+# The Triton interpreter is held against TRL by the function-level tests above; a training run through
+# it would take minutes.
+@pytest.mark.parametrize("backend", [name for name in backends_under_test() if name != "triton"])
+def test_gkd_dropin_example_trains_and_matches_trl_on_a_batch(backend):
+    repo_root = str(EXAMPLE.parents[1])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")]))}
+    completed = subprocess.run([sys.executable, str(EXAMPLE), "--steps", "3", "--backend", backend],
+                               capture_output=True, text=True, timeout=180, env=env, check=False)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    comparison = re.search(r"loss TRL (\S+), aropd_kernels (\S+); largest student-gradient difference (\S+) of",
+                           completed.stdout)
+    assert comparison, completed.stdout
+    trl_loss, kernel_loss, grad_difference = (float(value.rstrip(";")) for value in comparison.groups())
+    assert_loss_close(torch.tensor([kernel_loss]), torch.tensor([trl_loss]), "batch loss")
+    assert grad_difference < 1e-4  # float32 through the whole model: parameter gradients agree closely
+    losses = re.search(r"training losses: (.+)", completed.stdout)
+    assert losses, completed.stdout
+    values = [float(value) for value in losses.group(1).split(", ")]
+    assert len(values) == 3 and all(math.isfinite(value) for value in values)

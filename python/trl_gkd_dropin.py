@@ -87,12 +87,11 @@ def loss_and_gradients(trainer: GKDTrainer, batch: dict, loss_fn) -> tuple[float
     return loss.item(), [parameter.grad.clone() for parameter in trainer.model.parameters()]
 
 
-def compare_with_trl(trainer: KernelGKDTrainer, backend: str) -> dict:
-    """The first batch's loss and student gradients, from TRL's function and from the kernels."""
+def compare_with_trl(trainer: KernelGKDTrainer, kernel_loss_fn) -> dict:
+    """The first batch's loss and student gradients, from TRL's function and from the kernels'."""
     batch = next(iter(trainer.get_train_dataloader()))
     trl_loss, trl_grads = loss_and_gradients(trainer, batch, GKDTrainer.generalized_jsd_loss)
-    kernel_loss, kernel_grads = loss_and_gradients(
-        trainer, batch, functools.partial(generalized_jsd_loss, backend=backend))
+    kernel_loss, kernel_grads = loss_and_gradients(trainer, batch, kernel_loss_fn)
     grad_difference = max((a - b).abs().max().item() for a, b in zip(trl_grads, kernel_grads))
     grad_scale = max(g.abs().max().item() for g in trl_grads)
     trainer.model.zero_grad(set_to_none=True)
@@ -104,6 +103,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=4, help="training steps (default 4)")
     parser.add_argument("--backend", default="auto", choices=("auto", "native", "triton", "reference"),
                         help="aropd_kernels backend (default auto: the native kernel on CPU when built)")
+    parser.add_argument("--inplace-grad", action="store_true",
+                        help="let the student gradient overwrite the logits (TRL's compute_loss does not read "
+                             "them after the loss)")
     parser.add_argument("--beta", type=float, default=0.5, help="GKD's beta: 0 forward KL, 1 reverse KL (default 0.5)")
     parser.add_argument("--lmbda", type=float, default=0.5,
                         help="GKD's share of on-policy steps, completions sampled from the student (default 0.5)")
@@ -128,9 +130,10 @@ def main(argv=None) -> dict:
             model=build_model(tokenizer, args.seed), teacher_model=build_model(tokenizer, args.seed + 1),
             args=config, train_dataset=build_dataset(rng, 4 * args.steps), processing_class=tokenizer,
         )
-        comparison = compare_with_trl(trainer, args.backend)
-        if args.backend != "auto":  # this trainer only; KernelGKDTrainer itself keeps backend="auto"
-            trainer.generalized_jsd_loss = functools.partial(generalized_jsd_loss, backend=args.backend)
+        loss_fn = functools.partial(generalized_jsd_loss, backend=args.backend, inplace_grad=args.inplace_grad)
+        comparison = compare_with_trl(trainer, loss_fn)
+        if (args.backend, args.inplace_grad) != ("auto", False):  # this trainer only; the class keeps the defaults
+            trainer.generalized_jsd_loss = loss_fn
         print(f"one batch: loss TRL {comparison['trl_loss']:.6f}, aropd_kernels {comparison['kernel_loss']:.6f}; "
               f"largest student-gradient difference {comparison['relative_grad_difference']:.1e} of the largest entry")
         trainer.train()

@@ -143,7 +143,8 @@ def run_metadata(device_description: str, copy_bytes_per_s: float, teachers: int
                                 text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
-    return {"teachers": teachers, "device": device_description, "copy_bandwidth_gbps": round(copy_bytes_per_s / 1e9, 3),
+    return {"teachers": teachers, "device": device_description,
+            "copy_bandwidth_gbps": round(copy_bytes_per_s / 1e9, 3),
             "torch_version": torch.__version__, "triton_version": triton_version, "commit": commit,
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
@@ -161,13 +162,13 @@ def progress(total: int, enabled: bool):
 
 def run_sweep(args, device, sweep, plan, modes) -> list[report.Measurement]:
     settings = LossSettings(beta=args.beta, chunk_rows=args.chunk_rows, teachers=args.teachers)
+    registry = PROVIDERS_BY_TEACHERS[args.teachers]
     bar = progress(len(sweep) * len(args.providers), not args.no_progress)
     measurements = []
     for shape in sweep:
         for provider in args.providers:
             if bar is not None:
                 bar.set_description(f"{provider} {shape.model} N={shape.n_tokens}")
-            registry = PROVIDERS_BY_TEACHERS[args.teachers]
             reason = registry[provider].why_unavailable(device, getattr(torch, args.dtype))
             if reason is None:
                 job = measure.Job(provider, shape, args.dtype, str(device), modes, settings, plan)

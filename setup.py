@@ -103,5 +103,6 @@ setup(
         "test": ["pytest>=8.0", "hypothesis>=6.100"],
         "bench": ["matplotlib>=3.7", "tqdm>=4.60"],
         "examples": ["transformers>=4.57.6", "accelerate>=1.15"],  # Trainer needs accelerate
+        "trl": ["trl>=1.16"],  # tests/test_trl.py and python/trl_gkd_dropin.py compare with TRL's own GKD loss
     },
 )

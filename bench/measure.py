@@ -20,7 +20,8 @@ from unittest import mock
 import numpy as np
 import torch
 
-from bench.providers import PROVIDERS, LossSettings
+from bench.one_teacher import PROVIDERS_BY_TEACHERS
+from bench.providers import LossSettings
 from bench.shapes import Shape
 
 MODES = ("forward", "forward+backward")
@@ -66,13 +67,15 @@ class Outcome:
 # --- the child ------------------------------------------------------------------------------------
 
 
-def _inputs(shape: Shape, dtype: torch.dtype, device: torch.device):
+def _inputs(shape: Shape, dtype: torch.dtype, device: torch.device, teachers: int = 2):
+    """Student, partial and full logits; for one teacher, student, teacher and None."""
     generator = torch.Generator(device=device).manual_seed(0)
 
     def logits():
         return torch.randn(shape.n_tokens, shape.vocab, generator=generator, dtype=dtype, device=device).mul_(2.0)
 
-    return logits().requires_grad_(), logits(), logits()
+    student, partial = logits().requires_grad_(), logits()
+    return student, partial, (logits() if teachers == 2 else None)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -166,8 +169,8 @@ def _call_step(step, backward: bool, student, partial, full):
 
 def _measure_modes(job: Job) -> dict[str, Outcome]:
     device = torch.device(job.device)
-    student, partial, full = _inputs(job.shape, getattr(torch, job.dtype), device)
-    provider = PROVIDERS[job.provider]
+    student, partial, full = _inputs(job.shape, getattr(torch, job.dtype), device, job.settings.teachers)
+    provider = PROVIDERS_BY_TEACHERS[job.settings.teachers][job.provider]
     step = provider.make(job.settings)
 
     def prepare():  # untimed, and counted as input in peak memory

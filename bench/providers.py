@@ -32,6 +32,7 @@ class LossSettings:
     beta: float = 1.0
     temperature: float = 1.0
     chunk_rows: int | None = None  # rows per block for the chunked provider; None: by vocabulary size
+    teachers: int = 2  # 2: the anchored loss (partial and full views); 1: one teacher (bench/one_teacher.py)
 
 
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], tuple]
@@ -49,16 +50,20 @@ def eager_loss(student, partial, full, settings: LossSettings, reduce: str = "me
     log_full = torch.log_softmax(full.float() * inv_t, dim=-1)
     residual = (log_full - log_partial).clamp(-settings.clip, settings.clip)
     log_target = torch.log_softmax(log_partial + settings.lam * residual, dim=-1)
-    beta = settings.beta
-    if beta == 1.0:
-        per_token = (log_student.exp() * (log_student - log_target)).sum(-1)
-    elif beta == 0.0:
-        per_token = (log_target.exp() * (log_target - log_student)).sum(-1)
-    else:
-        log_mixture = torch.logaddexp(log_target + math.log(beta), log_student + math.log1p(-beta))
-        per_token = (beta * (log_target.exp() * (log_target - log_mixture)).sum(-1)
-                     + (1 - beta) * (log_student.exp() * (log_student - log_mixture)).sum(-1))
+    per_token = per_token_divergence(log_student, log_target, settings.beta)
     return per_token.mean() if reduce == "mean" else per_token.sum()
+
+
+def per_token_divergence(log_student, log_target, beta: float) -> torch.Tensor:
+    """Reverse KL (beta 1), forward KL (beta 0) or the generalized JSD between, per row, from float32
+    log-probabilities: the eager baselines' divergence."""
+    if beta == 1.0:
+        return (log_student.exp() * (log_student - log_target)).sum(-1)
+    if beta == 0.0:
+        return (log_target.exp() * (log_target - log_student)).sum(-1)
+    log_mixture = torch.logaddexp(log_target + math.log(beta), log_student + math.log1p(-beta))
+    return (beta * (log_target.exp() * (log_target - log_mixture)).sum(-1)
+            + (1 - beta) * (log_student.exp() * (log_student - log_mixture)).sum(-1))
 
 
 def autograd_step(loss_fn: Callable[..., torch.Tensor]) -> Step:
@@ -135,15 +140,20 @@ def package_provider(backend: str, inplace_grad: bool = False) -> tuple[Callable
             inplace_grad=inplace_grad))
 
     def why_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
-        if backend == "triton" and device.type != "cuda":
-            return "the Triton backend runs on CUDA devices (its CPU interpreter is for tests, not timing)"
-        try:
-            backends.resolve(backend, device, (dtype,) * 3)
-        except (ValueError, ImportError) as refusal:  # ImportError: the backend's module is not in this install
-            return str(refusal)
-        return None
+        return backend_refusal(backend, device, (dtype,) * 3)
 
     return make, why_unavailable
+
+
+def backend_refusal(backend: str, device: torch.device, dtypes: tuple[torch.dtype, ...]) -> str | None:
+    """Why aropd_kernels' ``backend`` cannot be timed on ``device`` with inputs of ``dtypes``; None if it can."""
+    if backend == "triton" and device.type != "cuda":
+        return "the Triton backend runs on CUDA devices (its CPU interpreter is for tests, not timing)"
+    try:
+        backends.resolve(backend, device, dtypes)
+    except (ValueError, ImportError) as refusal:  # ImportError: the backend's module is not in this install
+        return str(refusal)
+    return None
 
 
 def always_available(device: torch.device, dtype: torch.dtype) -> str | None:

@@ -13,7 +13,7 @@ from bench.measure import Outcome
 from bench.shapes import Shape
 
 METRICS = ("time_ms", "peak_memory_mib", "bandwidth_gbps", "floor_fraction", "speedup_vs_eager")
-COLUMNS = ("provider", "model", "n_tokens", "vocab", "dtype", "mode", "metric", "median", "p20", "p80",
+COLUMNS = ("provider", "model", "n_tokens", "vocab", "dtype", "teachers", "mode", "metric", "median", "p20", "p80",
            "status", "detail", "device", "copy_bandwidth_gbps", "torch_version", "triton_version",
            "commit", "timestamp")
 MIB = 2**20
@@ -27,14 +27,15 @@ class Measurement:
     outcome: Outcome
 
 
-def bytes_moved(shape: Shape, dtype: torch.dtype, mode: str) -> int:
-    """The data-movement floor: read student, partial and full once; for backward, write the gradient.
+def bytes_moved(shape: Shape, dtype: torch.dtype, mode: str, inputs: int = 3) -> int:
+    """The data-movement floor: read the ``inputs`` logits (student, partial and full; student and
+    teacher for one teacher) once; for backward, write the gradient.
 
-    All three inputs share ``dtype`` here and the gradient has the student's dtype: 8 bytes per
-    element for bfloat16 forward+backward, 6 for the forward alone.
+    All inputs share ``dtype`` here and the gradient has the student's dtype: 8 bytes per element for
+    bfloat16 forward+backward with three inputs, 6 with two; 6 and 4 for the forward alone.
     """
     size = torch.empty((), dtype=dtype).element_size()
-    per_element = 3 * size + (size if mode == "forward+backward" else 0)
+    per_element = inputs * size + (size if mode == "forward+backward" else 0)
     return shape.n_tokens * shape.vocab * per_element
 
 
@@ -49,7 +50,7 @@ def _row(m: Measurement, dtype: str, metric: str, median=None, p20=None, p80=Non
             "status": m.outcome.status, "detail": m.outcome.detail}
 
 
-def metric_rows(measurements: list[Measurement], dtype: str, copy_bytes_per_s: float) -> list[dict]:
+def metric_rows(measurements: list[Measurement], dtype: str, copy_bytes_per_s: float, inputs: int = 3) -> list[dict]:
     """One row per measurement × metric; failed or unavailable measurements keep their rows, values empty.
 
     Bandwidth and floor fraction are monotone in time, so their p20 comes from the time's p80.
@@ -62,7 +63,7 @@ def metric_rows(measurements: list[Measurement], dtype: str, copy_bytes_per_s: f
             rows += [_row(m, dtype, metric) for metric in METRICS]
             continue
         median, p20, p80 = _quantiles(m.outcome.times_s)
-        moved = bytes_moved(m.shape, getattr(torch, dtype), m.mode)
+        moved = bytes_moved(m.shape, getattr(torch, dtype), m.mode, inputs)
         floor_s = moved / copy_bytes_per_s
         rows.append(_row(m, dtype, "time_ms", median * 1e3, p20 * 1e3, p80 * 1e3))
         rows.append(_row(m, dtype, "peak_memory_mib", m.outcome.peak_bytes / MIB))

@@ -3,6 +3,7 @@
 Every provider (a way to compute the loss and the student gradient) runs on every shape (a model's
 vocabulary V × a token count N) in each mode, each (provider, shape) in a fresh process. Prints a
 table, and writes results.csv, time.png and memory.png to --out. docs/benchmarks.md explains them.
+--teachers 1 measures the one-teacher loss, distillation_divergence, instead (bench/one_teacher.py).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ sys.path.insert(0, str(REPO_ROOT))  # `python bench/run.py` puts bench/ on the p
 import torch  # noqa: E402
 
 from bench import measure, report, shapes  # noqa: E402
+from bench.one_teacher import ONE_TEACHER_PROVIDERS, PROVIDERS_BY_TEACHERS  # noqa: E402
 from bench.providers import DEFAULT_PROVIDERS, PROVIDERS, LossSettings  # noqa: E402
 
 DTYPES = ("bfloat16", "float16", "float32")
@@ -44,7 +46,10 @@ def _defaults_help() -> str:
         "models: " + ", ".join(f"{name} (V={vocab})" for name, vocab in shapes.MODEL_VOCAB.items()),
         "providers:",
         *(f"  {name:<16}{provider.description}" for name, provider in PROVIDERS.items()),
-        "The loss: the public API's defaults, reverse KL (--beta 1), lam=1, clip=5, temperature=1, batch mean.",
+        "providers with --teachers 1:",
+        *(f"  {name:<16}{provider.description}" for name, provider in ONE_TEACHER_PROVIDERS.items()),
+        "The loss: the public API's defaults, reverse KL (--beta 1), lam=1, clip=5, temperature=1, batch mean;",
+        "with --teachers 1, distillation_divergence: the same divergence to softmax(teacher / T).",
         "Memory is the peak above the inputs (the gradient included, unless it overwrites the logits).",
     ]
     return "\n".join(lines)
@@ -55,9 +60,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         description=__doc__, epilog=_defaults_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="where to run; auto: cuda when available, else cpu (default: auto)")
-    parser.add_argument("--providers", nargs="+", choices=tuple(PROVIDERS), default=DEFAULT_PROVIDERS, metavar="NAME",
-                        help=f"providers to compare, from {', '.join(PROVIDERS)} (default: all but those marked "
-                             "'on request' below; unavailable ones are reported as such)")
+    every_provider = tuple(dict.fromkeys([*PROVIDERS, *ONE_TEACHER_PROVIDERS]))
+    parser.add_argument("--providers", nargs="+", choices=every_provider, metavar="NAME",
+                        help=f"providers to compare, from {', '.join(PROVIDERS)}; with --teachers 1 from "
+                             f"{', '.join(ONE_TEACHER_PROVIDERS)} (default: all but those marked 'on request' "
+                             "below; unavailable ones are reported as such)")
+    parser.add_argument("--teachers", type=int, choices=(1, 2), default=2,
+                        help="2: the anchored loss, student and two teacher views (default); 1: one teacher, "
+                             "distillation_divergence (OPD, GKD, self-distillation)")
     parser.add_argument("--models", nargs="+", metavar="MODEL",
                         help="models from the registry below, case-insensitive (default: by device, see below; "
                              "none when --vocab is given)")
@@ -66,7 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--tokens", nargs="+", type=int, metavar="N",
                         help="token counts N (rows of the logits) to sweep (default: by device, see below)")
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16",
-                        help="dtype of the three logits tensors and the gradient (default: bfloat16)")
+                        help="dtype of the logits tensors and the gradient (default: bfloat16)")
     parser.add_argument("--mode", choices=("forward", "forward+backward", "all"), default="all",
                         help="forward: the loss only, under no_grad; forward+backward: the loss and the student "
                              "gradient; all: both (default)")
@@ -89,6 +99,13 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(f"--{name} values must be >= 1")
     if not 0 <= args.beta <= 1:
         parser.error("--beta must be in [0, 1]")
+    registry = PROVIDERS_BY_TEACHERS[args.teachers]
+    if args.providers is None:
+        args.providers = DEFAULT_PROVIDERS if args.teachers == 2 else list(registry)
+    unknown = [name for name in args.providers if name not in registry]
+    if unknown:
+        parser.error(f"--providers {' '.join(unknown)}: not a provider with --teachers {args.teachers}; "
+                     f"choose from {', '.join(registry)}")
     return args
 
 
@@ -116,7 +133,7 @@ def plan_sweep(args, device: torch.device):
     return sweep, plan
 
 
-def run_metadata(device_description: str, copy_bytes_per_s: float) -> dict:
+def run_metadata(device_description: str, copy_bytes_per_s: float, teachers: int) -> dict:
     try:
         triton_version = importlib.metadata.version("triton")
     except importlib.metadata.PackageNotFoundError:
@@ -126,7 +143,8 @@ def run_metadata(device_description: str, copy_bytes_per_s: float) -> dict:
                                 text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
-    return {"device": device_description, "copy_bandwidth_gbps": round(copy_bytes_per_s / 1e9, 3),
+    return {"teachers": teachers, "device": device_description,
+            "copy_bandwidth_gbps": round(copy_bytes_per_s / 1e9, 3),
             "torch_version": torch.__version__, "triton_version": triton_version, "commit": commit,
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
 
@@ -143,14 +161,15 @@ def progress(total: int, enabled: bool):
 
 
 def run_sweep(args, device, sweep, plan, modes) -> list[report.Measurement]:
-    settings = LossSettings(beta=args.beta, chunk_rows=args.chunk_rows)
+    settings = LossSettings(beta=args.beta, chunk_rows=args.chunk_rows, teachers=args.teachers)
+    registry = PROVIDERS_BY_TEACHERS[args.teachers]
     bar = progress(len(sweep) * len(args.providers), not args.no_progress)
     measurements = []
     for shape in sweep:
         for provider in args.providers:
             if bar is not None:
                 bar.set_description(f"{provider} {shape.model} N={shape.n_tokens}")
-            reason = PROVIDERS[provider].why_unavailable(device, getattr(torch, args.dtype))
+            reason = registry[provider].why_unavailable(device, getattr(torch, args.dtype))
             if reason is None:
                 job = measure.Job(provider, shape, args.dtype, str(device), modes, settings, plan)
                 outcomes = measure.measure(job, args.timeout)
@@ -176,10 +195,10 @@ def main(argv=None) -> None:
           f"tensor copy, the speed of light used for 'floor')", flush=True)
     measurements = run_sweep(args, device, sweep, plan, modes)
 
-    rows = report.metric_rows(measurements, args.dtype, copy_bytes_per_s)
+    rows = report.metric_rows(measurements, args.dtype, copy_bytes_per_s, inputs=1 + args.teachers)
     print(report.table(rows, modes))
     csv_path = args.out / "results.csv"
-    report.write_csv(csv_path, rows, run_metadata(description, copy_bytes_per_s))
+    report.write_csv(csv_path, rows, run_metadata(description, copy_bytes_per_s, args.teachers))
     written = [csv_path]
     try:
         written += report.plot(rows, modes, args.out)

@@ -70,6 +70,13 @@ def anchored_residual_kl(
     else:
         loss, diagnostics, _ = anchored_residual_kl_op(*rows_views, *plan, *settings, compute_grad,
                                                        return_diagnostics, name)
+    return shaped_result(loss, diagnostics, batch_shape, reduction, return_diagnostics)
+
+
+def shaped_result(loss: torch.Tensor, diagnostics: torch.Tensor, batch_shape: torch.Size, reduction: str,
+                  return_diagnostics: bool):
+    """The public result from an op's flat outputs: the loss (per token ``[...]`` for reduction='none'),
+    and ``Diagnostics`` of per-token tensors when asked for."""
     if reduction == "none":
         loss = loss.view(batch_shape)
     if not return_diagnostics:

@@ -25,8 +25,8 @@ from .backends import N_DIAGNOSTICS, RowResult
 from .functional import shaped_result
 
 # Weights are upcast, and half-precision weight gradients accumulated, in vocabulary slabs of this many
-# elements (8 MiB in float32): small enough to stay in cache between the upcast and the matmul.
-SLAB_ELEMENTS = 2**21
+# elements (16 MiB in float32): few matmul calls per pass over a weight, little memory beside it.
+SLAB_ELEMENTS = 2**22
 CHUNK_ROW_MULTIPLE = 16  # rows per chunk are a multiple of this: whole tiles for the matmuls
 
 
@@ -278,6 +278,36 @@ def chunks_with_active_rows(active: torch.Tensor, chunk_rows: int) -> list[bool]
     return [bool(flags[start:start + chunk_rows].any()) for start in range(0, flags.shape[0], chunk_rows)]
 
 
+class ChunkBuffers:
+    """The buffers of one chunk, allocated once per call and reused by every chunk: the student's logits
+    (which receive their gradient in place, unless the softcap's derivative needs them, then ``grad``),
+    the teacher's two blocks, and the hidden states upcast to the compute dtype."""
+
+    def __init__(self, rows: int, student_hidden: torch.Tensor, teacher_size: int, vocab: int,
+                 compute: torch.dtype, separate_grad: bool):
+        def empty(*shape):
+            return torch.empty(shape, dtype=compute, device=student_hidden.device)
+
+        self.student_logits = empty(rows, vocab)
+        self.teacher_logits = empty(2 * rows, vocab)
+        self.teacher_hidden = empty(2 * rows, teacher_size)
+        self.student_hidden = empty(rows, student_hidden.shape[1]) if student_hidden.dtype != compute else None
+        self.grad = empty(rows, vocab) if separate_grad else None
+
+    def hidden(self, student_hidden: torch.Tensor) -> torch.Tensor:
+        """The chunk's student hidden states in the compute dtype."""
+        if self.student_hidden is None:
+            return student_hidden
+        upcast = self.student_hidden[: student_hidden.shape[0]]
+        upcast.copy_(student_hidden)
+        return upcast
+
+
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """float64 when any input is float64 (exact checks), float32 otherwise."""
+    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def chunk_loop(student_hidden, student_weight, student_bias, partial_hidden, full_hidden, teacher_weight,
                teacher_bias, projection: Projection, chunk_rows: int, settings: RowSettings,
                needs_grad: tuple[bool, bool, bool]):
@@ -287,9 +317,8 @@ def chunk_loop(student_hidden, student_weight, student_bias, partial_hidden, ful
     gradient 0.
     """
     n_rows, vocab = student_hidden.shape[0], student_weight.shape[0]
-    tensors = [t for t in (student_hidden, student_weight, student_bias, partial_hidden, full_hidden,
-                           teacher_weight, teacher_bias) if t is not None]
-    compute = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    compute = compute_dtype(student_hidden, student_weight, student_bias, partial_hidden, full_hidden,
+                            teacher_weight, teacher_bias)
     device = student_hidden.device
     row_loss = torch.zeros(n_rows, dtype=compute, device=device)
     diagnostics = (torch.zeros(N_DIAGNOSTICS, n_rows, dtype=torch.float32, device=device)
@@ -306,32 +335,24 @@ def chunk_loop(student_hidden, student_weight, student_bias, partial_hidden, ful
                             if needs_grad[0] else None),
     )
     compute_grad = any(needs_grad)
-
     active_chunks = chunks_with_active_rows(settings.active, rows_per_chunk)
-    if any(active_chunks):  # buffers allocated once, reused by every chunk
-        student_logits = torch.empty(rows_per_chunk, vocab, dtype=compute, device=device)
-        teacher_block = torch.empty(2 * rows_per_chunk, vocab, dtype=compute, device=device)
-        teacher_stacked = torch.empty(2 * rows_per_chunk, teacher_weight.shape[1], dtype=compute, device=device)
-        student_upcast = (torch.empty(rows_per_chunk, student_hidden.shape[1], dtype=compute, device=device)
-                          if student_hidden.dtype != compute else None)
-        separate_grad = (torch.empty(rows_per_chunk, vocab, dtype=compute, device=device)
-                         if compute_grad and projection.softcap is not None else None)
+    buffers = None
+    if any(active_chunks):
+        buffers = ChunkBuffers(rows_per_chunk, student_hidden, teacher_weight.shape[1], vocab, compute,
+                               separate_grad=compute_grad and projection.softcap is not None)
     for index, start in enumerate(range(0, n_rows, rows_per_chunk)):
         if not active_chunks[index]:
             continue
         rows_slice = slice(start, min(start + rows_per_chunk, n_rows))
         count = rows_slice.stop - start
-        hidden = student_hidden[rows_slice]
-        if student_upcast is not None:
-            hidden = student_upcast[:count]
-            hidden.copy_(student_hidden[rows_slice])
-        student = student_logits[:count]
+        hidden = buffers.hidden(student_hidden[rows_slice])
+        student = buffers.student_logits[:count]
         project(hidden, student_w, student_b, projection, student)
         partial, full = teacher_logits((partial_hidden[rows_slice], full_hidden[rows_slice]), teacher_w, teacher_b,
-                                       projection, teacher_stacked, teacher_block)
+                                       projection, buffers.teacher_hidden, buffers.teacher_logits)
         grad = None
-        if compute_grad:  # in place over the student logits, unless the softcap's derivative needs them
-            grad = student if separate_grad is None else separate_grad[:count]
+        if compute_grad:
+            grad = student if buffers.grad is None else buffers.grad[:count]
         result = row_step(student, partial, full, rows_slice, settings, grad)
         row_loss[rows_slice] = result.row_loss
         if diagnostics is not None:
@@ -339,6 +360,7 @@ def chunk_loop(student_hidden, student_weight, student_bias, partial_hidden, ful
         if compute_grad:
             projection.chain(grad, student)
             gradients.add_chunk(grad, hidden, student_w, rows_slice, projection.scale)
+    del buffers, student_w, teacher_w  # freed before the weight gradient is converted
     weight_grad = None if gradients.weight is None else gradients.weight.result()
     bias_grad = None if gradients.bias is None else gradients.bias.to(ops.gradient_dtype(student_bias.dtype))
     return row_loss, diagnostics, gradients.hidden, weight_grad, bias_grad
@@ -390,9 +412,8 @@ def _(student_hidden, student_weight, student_bias, partial_hidden, full_hidden,
       row_temperature, active, row_scale, logit_scale, logit_softcap, chunk_rows, lam, clip, beta, reduce,
       grad_hidden, grad_weight, grad_bias, with_diagnostics, backend):
     n_rows = student_hidden.shape[0]
-    tensors = [t for t in (student_hidden, student_weight, student_bias, partial_hidden, full_hidden,
-                           teacher_weight, teacher_bias) if t is not None]
-    compute = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    compute = compute_dtype(student_hidden, student_weight, student_bias, partial_hidden, full_hidden,
+                            teacher_weight, teacher_bias)
 
     def gradient(wanted, tensor):
         if not wanted:
@@ -499,9 +520,8 @@ def fused_linear_anchored_residual_kl(
     device = student_hidden.device
     plan = rows.plan_rows(batch_shape, device, temperature=temperature, labels=labels, ignore_index=ignore_index,
                           mask=mask, weights=weights, reduction=reduction, num_items_in_batch=num_items_in_batch)
-    tensors = (student_hidden, student_weight, partial_teacher_hidden, full_teacher_hidden, teacher_weight,
-               student_bias, teacher_bias)
-    logits_dtype = torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+    logits_dtype = compute_dtype(student_hidden, student_weight, partial_teacher_hidden, full_teacher_hidden,
+                                 teacher_weight, student_bias, teacher_bias)
     name = backends.resolve(backend, device, (logits_dtype,))
     if chunk_size is None:
         chunk_size = batch_shape.numel() if name == "reference" else default_chunk_rows(student_hidden.shape[-1])

@@ -36,9 +36,8 @@ def default_chunk_rows(hidden_size: int) -> int:
 
     A chunk's three float32 logits blocks take 12·R·V bytes; with R = H/12 that is V·H bytes, a quarter of
     the float32 weight-gradient accumulator (4·V·H bytes), so the chunk never dominates the memory, for
-    any vocabulary. Each pass over a weight of V·H elements then does 2·R·V·H flops, enough for the
-    matmuls to be compute-bound on CPUs and GPUs for the hidden sizes of real models (R = 64 at H = 896,
-    288 at H = 3584, 336 at H = 4096).
+    any vocabulary (R = 64 at H = 896, 288 at H = 3584, 336 at H = 4096). Every chunk reads the weights
+    and the accumulator once more: larger chunks do fewer, larger matmuls, at 12·V bytes per row.
     """
     return max(CHUNK_ROW_MULTIPLE, hidden_size // 12 // CHUNK_ROW_MULTIPLE * CHUNK_ROW_MULTIPLE)
 

@@ -221,6 +221,21 @@ def test_matches_the_unfused_call_on_float32_logits(backend):
         torch.testing.assert_close(actual, expected)
 
 
+def test_each_tensor_keeps_its_own_dtype():
+    """bfloat16 hidden states with a float32 weight (and the reverse for the teacher): the logits are those
+    of the values as given, and each gradient comes back in its tensor's dtype."""
+    inputs = _inputs()
+    mixed = [inputs[0].bfloat16(), inputs[1], inputs[2], inputs[3], inputs[4].bfloat16()]
+    exact = [mixed[0].float(), mixed[1], mixed[2], mixed[3], mixed[4].float()]
+    leaves, exact_leaves = _student_leaves(mixed), _student_leaves(exact)
+    loss, expected = _call(leaves, mixed), _call(exact_leaves, exact)
+    torch.testing.assert_close(loss, expected)
+    grads, expected_grads = torch.autograd.grad(loss, leaves), torch.autograd.grad(expected, exact_leaves)
+    assert [g.dtype for g in grads] == [torch.bfloat16, torch.float32]
+    torch.testing.assert_close(grads[0], expected_grads[0].bfloat16())
+    torch.testing.assert_close(grads[1], expected_grads[1])
+
+
 def test_module_stores_its_arguments():
     inputs = _inputs()
     module = FusedLinearAnchoredResidualKL(lam=0.7, clip=2.0, logit_softcap=4.0, reduction="sum")

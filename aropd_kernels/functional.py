@@ -158,11 +158,20 @@ def run_call(call: PreparedCall, compute_rows=None):
         if inplace:
             torch.autograd.graph.increment_version(call.student_logits)  # its storage now holds the gradient
     *_, reduce = call.settings
-    if not reduce:  # reduction="none": per token
-        loss = loss.view(call.batch_shape)
-    if not call.return_diagnostics:
+    return shaped_result(loss, diagnostics, call.batch_shape, reduce=reduce,
+                         return_diagnostics=call.return_diagnostics, one_teacher=full is None,
+                         with_labels=call.with_labels)
+
+
+def shaped_result(loss: torch.Tensor, diagnostics: torch.Tensor, batch_shape: torch.Size, *, reduce: bool,
+                  return_diagnostics: bool, one_teacher: bool, with_labels: bool):
+    """(loss, Diagnostics or None) from an op's flat outputs: the loss per token ``[...]`` when not
+    reduced, and the diagnostics as per-token tensors when asked for."""
+    if not reduce:  # reduction="none"
+        loss = loss.view(batch_shape)
+    if not return_diagnostics:
         return loss, None
-    return loss, _diagnostics(diagnostics, call.batch_shape, one_teacher=full is None, with_labels=call.with_labels)
+    return loss, _diagnostics(diagnostics, batch_shape, one_teacher=one_teacher, with_labels=with_labels)
 
 
 def _divergence(tensors, names, *, process_group, **keywords):

@@ -50,10 +50,14 @@ def _run(student, partial, full, row_temperature, active, row_scale, labels, lam
         row_scale if grad_out is not None else None, grad_out,
         lam=lam, clip=clip, beta=beta, with_diagnostics=with_diagnostics, labels=labels,
     )
-    scaled = result.row_loss * row_scale.to(result.row_loss.dtype)
-    loss = scaled.sum() if reduce else scaled
     diagnostics = result.diagnostics if with_diagnostics else student.new_empty(0, dtype=torch.float32)
-    return loss, diagnostics
+    return scaled_loss(result.row_loss, row_scale, reduce), diagnostics
+
+
+def scaled_loss(row_loss: torch.Tensor, row_scale: torch.Tensor, reduce: bool) -> torch.Tensor:
+    """``sum(row_scale * D)``, or ``row_scale * D`` per row when not ``reduce``."""
+    scaled = row_loss * row_scale.to(row_loss.dtype)
+    return scaled.sum() if reduce else scaled
 
 
 @torch.library.custom_op("aropd::anchored_residual_kl", mutates_args=())
@@ -125,17 +129,22 @@ def incoming_gradient_applied(gradient: torch.Tensor, grad_loss: torch.Tensor, r
     freed after this backward; with ``retain_graph=True`` a later backward needs it intact, so a new
     tensor is returned then.
     """
-    if torch.is_grad_enabled():
-        raise DoubleBackwardError(
-            "aropd_kernels does not support double backward (create_graph=True): the gradient is "
-            "precomputed in the forward pass. Call backward without create_graph."
-        )
+    refuse_double_backward()
     if reduce:
         if (not torch.compiler.is_compiling() and gradient.dtype == dtype and not _graph_is_kept()
                 and bool(grad_loss == 1)):
             return gradient
         return scale_gradient(gradient, grad_loss.reshape(()), dtype)
     return scale_gradient(gradient, grad_loss.reshape(gradient.shape[:-1]), dtype)
+
+
+def refuse_double_backward() -> None:
+    """Raised from inside a backward that was asked to build a graph (``create_graph=True``)."""
+    if torch.is_grad_enabled():
+        raise DoubleBackwardError(
+            "aropd_kernels does not support double backward (create_graph=True): the gradient is "
+            "precomputed in the forward pass. Call backward without create_graph."
+        )
 
 
 def _graph_is_kept() -> bool:

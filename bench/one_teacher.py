@@ -16,6 +16,7 @@ import torch
 from aropd_kernels import anchored_residual_kl, distillation_divergence
 from bench.providers import (
     PROVIDERS, LossSettings, Provider, Step, always_available, autograd_step, backend_refusal, model_output,
+    one_teacher_inputs,
     per_token_divergence,
 )
 
@@ -81,7 +82,7 @@ def package_provider(backend: str, inplace_grad: bool = False, anchored: bool = 
     return make, why_unavailable
 
 
-ONE_TEACHER_PROVIDERS = {
+_PROVIDERS = {
     "eager": Provider(make_eager, always_available, "float32 torch, as a trainer writes it"),
     "compiled": Provider(make_compiled, always_available, "torch.compile of the eager code"),
     "trl": Provider(make_trl, trl_unavailable, "TRL's GKDTrainer.generalized_jsd_loss (in the logits' dtype)"),
@@ -96,5 +97,6 @@ ONE_TEACHER_PROVIDERS = {
     "native-anchored": Provider(*package_provider("native", anchored=True),
                                 "anchored_residual_kl(s, t, t, lam=0), backend='native': the teacher read twice"),
 }
+ONE_TEACHER_PROVIDERS = {name: provider._replace(inputs=one_teacher_inputs) for name, provider in _PROVIDERS.items()}
 
 PROVIDERS_BY_TEACHERS = {1: ONE_TEACHER_PROVIDERS, 2: PROVIDERS}

@@ -26,8 +26,8 @@ from bench.providers import DEFAULT_PROVIDERS, PROVIDERS, LossSettings  # noqa: 
 
 DTYPES = ("bfloat16", "float16", "float32")
 DEFAULTS = {  # device type -> (models, tokens, timing plan); --quick swaps in shapes.QUICK_* shapes
-    "cuda": (tuple(shapes.MODEL_VOCAB), shapes.CUDA_TOKENS, measure.TimingPlan(warmup=3, repeats=20, budget_s=10.0)),
-    "cpu": (tuple(shapes.MODEL_VOCAB), shapes.CPU_TOKENS, measure.TimingPlan(warmup=1, repeats=5, budget_s=3.0)),
+    "cuda": (shapes.SWEEP_MODELS, shapes.CUDA_TOKENS, measure.TimingPlan(warmup=3, repeats=20, budget_s=10.0)),
+    "cpu": (shapes.SWEEP_MODELS, shapes.CPU_TOKENS, measure.TimingPlan(warmup=1, repeats=5, budget_s=3.0)),
 }
 
 
@@ -36,14 +36,15 @@ def _defaults_help() -> str:
     _, cpu_tokens, cpu_plan = DEFAULTS["cpu"]
     lines = [
         "defaults by device:",
-        f"  cuda     every model × N in {list(cuda_tokens)}; {cuda_plan.warmup} warm-up and "
+        f"  cuda     {', '.join(shapes.SWEEP_MODELS)} × N in {list(cuda_tokens)}; {cuda_plan.warmup} warm-up and "
         f"{cuda_plan.repeats} timed calls",
-        f"  cpu      every model × N in {list(cpu_tokens)} (5-7 minutes on 2 busy cores); {cpu_plan.warmup} warm-up,",
+        f"  cpu      the same models × N in {list(cpu_tokens)} (5-7 minutes on 2 busy cores); {cpu_plan.warmup} warm-up,",
         f"           then up to {cpu_plan.repeats} timed calls or {cpu_plan.budget_s:.0f} s "
         f"(at least {measure.MIN_REPEATS})",
         f"  --quick  {', '.join(shapes.QUICK_MODELS)} × N in {list(shapes.QUICK_TOKENS)}, timed as above "
         "(CPU: under 3 minutes on 2 cores)",
-        "models: " + ", ".join(f"{name} (V={vocab})" for name, vocab in shapes.MODEL_VOCAB.items()),
+        "models: " + ", ".join(f"{name} (V={vocab}" + (f", H={shapes.MODEL_HIDDEN[name]})" if name in shapes.MODEL_HIDDEN
+                                                       else ")") for name, vocab in shapes.MODEL_VOCAB.items()),
         "providers:",
         *(f"  {name:<16}{provider.description}" for name, provider in PROVIDERS.items()),
         "providers with --teachers 1:",
@@ -73,6 +74,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "none when --vocab is given)")
     parser.add_argument("--vocab", nargs="+", type=int, default=[], metavar="V",
                         help="extra vocabulary sizes outside the registry, named vocab-V (e.g. for a smoke test)")
+    parser.add_argument("--hidden", type=int, metavar="H",
+                        help="hidden size of the lm_head for the providers that start from hidden states (default: "
+                             "the model's, where the registry knows it; needed with --vocab)")
     parser.add_argument("--tokens", nargs="+", type=int, metavar="N",
                         help="token counts N (rows of the logits) to sweep (default: by device, see below)")
     parser.add_argument("--dtype", choices=DTYPES, default="bfloat16",
@@ -97,6 +101,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     for name in ("tokens", "vocab"):
         if any(value < 1 for value in getattr(args, name) or []):
             parser.error(f"--{name} values must be >= 1")
+    if args.hidden is not None and args.hidden < 1:
+        parser.error("--hidden must be >= 1")
     if not 0 <= args.beta <= 1:
         parser.error("--beta must be in [0, 1]")
     registry = PROVIDERS_BY_TEACHERS[args.teachers]
@@ -127,7 +133,7 @@ def plan_sweep(args, device: torch.device):
     if args.repeats is not None:
         plan = measure.TimingPlan(plan.warmup, args.repeats, plan.budget_s)
     try:
-        sweep = shapes.sweep(list(models), args.vocab, args.tokens or list(tokens))
+        sweep = shapes.sweep(list(models), args.vocab, args.tokens or list(tokens), args.hidden)
     except ValueError as error:
         sys.exit(f"--models: {error}")
     return sweep, plan

@@ -68,14 +68,14 @@ def _threads_per_rank() -> int:
 
 def _other_rank(rank: int, port: int, shape, dtype: torch.dtype, settings, commands) -> None:
     """A rank besides 0: makes the call rank 0 announces, until rank 0's end of the pipe closes."""
-    from bench.measure import _inputs  # the measured inputs; bench.measure imports the providers
+    from bench.providers import logits_inputs  # the measured inputs; bench.providers imports this module
 
     torch.set_num_threads(_threads_per_rank())
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=RANKS,
                             timeout=COLLECTIVE_TIMEOUT)
     width = shard_width(shape.vocab)
     columns = slice(rank * width, min(shape.vocab, (rank + 1) * width))
-    student, partial, full = (x.detach()[..., columns].clone() for x in _inputs(shape, dtype, torch.device("cpu")))
+    student, partial, full = (x.detach()[..., columns].clone() for x in logits_inputs(shape, dtype, torch.device("cpu")))
     student.requires_grad_(True)
     loss = _loss(settings, dist.group.WORLD)
     try:

@@ -75,3 +75,72 @@ def problems(draw, dtypes=(torch.float32, torch.bfloat16, torch.float16), max_ro
         _view(full.to(teacher_dtype), layout[2]),
         lam, clip, beta, temperature, mask, weights,
     )
+
+
+class LinearProblem(NamedTuple):
+    """Inputs of fused_linear_anchored_residual_kl and the keywords drawn for it."""
+
+    student_hidden: torch.Tensor  # [..., H_s]
+    student_weight: torch.Tensor  # [V, H_s]
+    partial_hidden: torch.Tensor  # [..., H_t]
+    full_hidden: torch.Tensor
+    teacher_weight: torch.Tensor  # [V, H_t]
+    kwargs: dict  # every other keyword, backend excepted
+    slab_elements: int | None  # weight slab size to patch in (small: many slabs), or None
+
+
+@st.composite
+def linear_problems(draw, dtypes=(torch.float32, torch.bfloat16), max_rows: int = 8) -> LinearProblem:
+    """Hidden states and lm_head weights whose logits reach magnitudes of about 20, with biases (vocabulary
+    padding at -inf in both), logit scale and softcap, teacher H different from the student's, chunk
+    sizes that do not divide N, masks or labels, weights, temperatures and every reduction."""
+    vocab = draw(st.sampled_from((1, 2, 7, 31, 65, 127)))
+    batch_shape = draw(st.sampled_from([(0,), (1,), (3,), (max_rows,), (2, max_rows // 2), (3, 2)]))
+    student_size = draw(st.sampled_from((1, 3, 7, 13)))
+    teacher_size = draw(st.sampled_from((student_size, 5, 16)))
+    dtype = draw(st.sampled_from(dtypes))
+    teacher_dtype = draw(st.sampled_from([dtype, torch.float32]))
+    generator = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    logit_size = draw(st.sampled_from([1.0, 5.0, 20.0]))  # the logits' standard deviation
+
+    def normal(*shape, std=1.0):
+        return torch.randn(shape, generator=generator, dtype=torch.float64) * std
+
+    student_hidden = normal(*batch_shape, student_size)
+    partial_hidden = normal(*batch_shape, teacher_size)
+    full_hidden = partial_hidden + normal(*batch_shape, teacher_size, std=draw(st.sampled_from([0.3, 1.0])))
+    student_weight = normal(vocab, student_size, std=logit_size / math.sqrt(student_size))
+    teacher_weight = normal(vocab, teacher_size, std=logit_size / math.sqrt(teacher_size))
+    kwargs = {}
+    if draw(st.booleans()):
+        kwargs["student_bias"] = normal(vocab).to(dtype)
+    if draw(st.booleans()):
+        kwargs["teacher_bias"] = normal(vocab).to(teacher_dtype)
+    padding = draw(st.integers(0, min(2, vocab - 1)))
+    if padding and len(kwargs) == 2:  # vocabulary padding: -inf in both biases
+        for bias in kwargs.values():
+            bias[vocab - padding:] = -math.inf
+    kwargs["logit_scale"] = draw(st.sampled_from([1.0, 0.5, 2.5]))
+    kwargs["logit_softcap"] = draw(st.sampled_from([None, 3.0, 30.0]))
+    kwargs["chunk_size"] = draw(st.sampled_from([None, 1, 2, 3, 5, 64]))
+    kwargs["lam"] = draw(st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0.0, 2.0)))
+    kwargs["clip"] = draw(st.one_of(st.just(math.inf), st.floats(0.1, 10.0)))
+    kwargs["beta"] = draw(st.one_of(st.sampled_from([0.0, 1.0]), st.floats(0.05, 0.95)))
+    temperature = draw(st.sampled_from([1.0, 0.7, 1.5, "per-token"]))
+    kwargs["temperature"] = 0.5 + torch.rand(batch_shape, generator=generator) if temperature == "per-token" \
+        else temperature
+    skipping = draw(st.sampled_from(["none", "mask", "labels"]))
+    if skipping == "mask":
+        kwargs["mask"] = torch.rand(batch_shape, generator=generator) > 0.3
+    elif skipping == "labels":
+        labels = torch.randint(0, vocab, batch_shape, generator=generator)
+        kwargs["labels"] = labels.masked_fill(torch.rand(batch_shape, generator=generator) < 0.3, -100)
+    if draw(st.booleans()):
+        kwargs["weights"] = torch.rand(batch_shape, generator=generator) * 2
+    reductions = ["none", "sum", "batchmean"] + (["seq_mean"] if len(batch_shape) == 2 else [])
+    kwargs["reduction"] = draw(st.sampled_from(reductions))
+    if kwargs["reduction"] in ("batchmean", "seq_mean") and draw(st.booleans()):
+        kwargs["num_items_in_batch"] = draw(st.sampled_from([3, 11]))
+    slab_elements = draw(st.sampled_from([None, 2 * max(student_size, teacher_size)]))
+    return LinearProblem(student_hidden.to(dtype), student_weight.to(dtype), partial_hidden.to(teacher_dtype),
+                         full_hidden.to(teacher_dtype), teacher_weight.to(teacher_dtype), kwargs, slab_elements)

@@ -22,8 +22,10 @@ if str(REPO_ROOT) not in sys.path:
 
 from aropd_kernels import anchored_residual_kl, backends  # noqa: E402
 from bench import measure, report  # noqa: E402
+from bench import shapes  # noqa: E402
 from bench.providers import (  # noqa: E402
-    PROVIDERS, LossSettings, eager_loss, make_chunked, model_output, package_provider,
+    DEFAULT_PROVIDERS, PROVIDERS, LossSettings, Unavailable, eager_loss, linear_package_provider, logits_inputs,
+    make_chunked, model_output, package_provider,
 )
 from bench.shapes import Shape  # noqa: E402
 
@@ -132,6 +134,33 @@ def test_cpu_peak_growth_counts_prepared_arguments_as_inputs():
     assert in_place < 2**20 and abs(allocating - 4 * n_floats) < 2**20
 
 
+def test_hidden_state_providers_compute_the_same_loss_and_gradients():
+    inputs = PROVIDERS["fused-linear"].inputs(Shape("m", n_tokens=5, vocab=77, hidden=16), torch.float32,
+                                              torch.device("cpu"))
+    settings = LossSettings(beta=0.0, clip=2.0)
+    results = {name: PROVIDERS[name].make(settings)(*inputs, True) for name in ("linear+eager", "fused-linear")}
+    results["linear+reference"] = linear_package_provider("reference")[0](settings)(*inputs, True)
+    assert [len(result) for result in results.values()] == [3] * 3  # loss, hidden and weight gradients
+    (forward_only,) = PROVIDERS["fused-linear"].make(settings)(*inputs, False)
+    expected = results.pop("linear+eager")
+    torch.testing.assert_close(forward_only, expected[0])
+    for result in results.values():
+        for actual, wanted in zip(result, expected):
+            torch.testing.assert_close(actual, wanted)
+
+
+def test_hidden_state_providers_run_where_the_hidden_size_is_known():
+    sweep = shapes.sweep(["qwen2.5-0.5b", "Gemma-3"], [1000], [4])
+    assert [shape.hidden for shape in sweep] == [896, None, None]
+    assert [shape.hidden for shape in shapes.sweep(["Gemma-3"], [1000], [4], hidden=32)] == [32, 32]
+    with pytest.raises(Unavailable, match="--hidden"):
+        PROVIDERS["linear+eager"].inputs(sweep[1], torch.float32, torch.device("cpu"))
+    job = measure.Job("fused-linear", sweep[2], "float32", "cpu", measure.MODES, LossSettings(),
+                      measure.TimingPlan(0, 1, 1.0))
+    assert {outcome.status for outcome in measure._measure_modes(job).values()} == {"unavailable"}
+    assert "fused-linear" not in DEFAULT_PROVIDERS and "native" in DEFAULT_PROVIDERS
+
+
 def test_unavailable_backends_say_why():
     cpu = torch.device("cpu")
     assert "CUDA" in PROVIDERS["triton"].why_unavailable(cpu, torch.bfloat16)
@@ -211,7 +240,7 @@ def test_cli_smoke_writes_csv_and_plots_and_reports_unavailable_providers(tmp_pa
 
 
 def _vocab_parallel_and_eager_steps(connection, shape):
-    student, partial, full = measure._inputs(shape, torch.float32, torch.device("cpu"))
+    student, partial, full = logits_inputs(shape, torch.float32, torch.device("cpu"))
     settings = LossSettings(beta=0.5)
     provider = PROVIDERS["vocab-parallel"]
     shard = provider.student_input(student)
@@ -237,3 +266,17 @@ def test_the_vocab_parallel_provider_splits_the_measured_inputs_over_its_ranks()
     for _, grad in (calls[0], calls[2]):
         torch.testing.assert_close(torch.from_numpy(grad), torch.from_numpy(eager_grad[:, :width]), rtol=1e-4,
                                    atol=1e-7)
+
+
+def test_cli_smoke_runs_the_hidden_state_providers(tmp_path):
+    providers = ["linear+eager", "linear+native", "fused-linear"]
+    command = [sys.executable, str(REPO_ROOT / "bench" / "run.py"), "--device", "cpu", "--vocab", "300",
+               "--hidden", "24", "--tokens", "6", "--providers", *providers, "--repeats", "2", "--no-progress",
+               "--mode", "forward+backward", "--out", str(tmp_path)]
+    completed = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    with open(tmp_path / "results.csv", newline="") as handle:
+        rows = {(r["provider"], r["metric"]): r for r in csv.DictReader(handle)}
+    for provider in providers:
+        expected = "unavailable" if provider == "linear+native" and not backends.native_available() else "ok"
+        assert rows[(provider, "time_ms")]["status"] == expected, rows[(provider, "time_ms")]["detail"]

@@ -21,7 +21,7 @@ from bench import measure, report, run  # noqa: E402
 from bench.one_teacher import (  # noqa: E402
     ONE_TEACHER_PROVIDERS, eager_one_teacher_loss, make_trl, package_provider,
 )
-from bench.providers import LossSettings, model_output  # noqa: E402
+from bench.providers import LossSettings, model_output, one_teacher_inputs  # noqa: E402
 from bench.shapes import Shape  # noqa: E402
 
 HAS_TRL = importlib.util.find_spec("trl") is not None
@@ -96,7 +96,7 @@ def test_bytes_moved_reads_two_inputs_for_one_teacher():
 
 
 def test_one_teacher_inputs_have_no_full_view():
-    student, teacher, full = measure._inputs(Shape("m", 3, 11), torch.bfloat16, torch.device("cpu"), teachers=1)
+    student, teacher, full = one_teacher_inputs(Shape("m", 3, 11), torch.bfloat16, torch.device("cpu"))
     assert full is None and student.requires_grad and teacher.shape == student.shape
 
 

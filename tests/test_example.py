@@ -68,6 +68,13 @@ def test_example_runs_steps_with_finite_loss(capsys):
     assert "step   2/2  loss" in printed and "belief_shift" in printed and "clipped_mass" in printed
 
 
+def test_example_runs_with_fused_linear(capsys):
+    history = example.main(["--steps", "2", "--pretrain-steps", "20", "--pretrain-batch-size", "16",
+                            "--batch-size", "4", "--seed", "1", "--fused-linear"])
+    assert [record["step"] for record in history] == [1, 2]
+    assert all(math.isfinite(record["loss"]) for record in history)
+
+
 # --- alignment -------------------------------------------------------------------------------------
 
 
@@ -242,6 +249,31 @@ def test_loop_step_backend_matches_reference(loop_step, backend):
     for name, expected in expected_grads.items():
         scale = expected.abs().max().item()
         torch.testing.assert_close(grads[name], expected, rtol=1e-4, atol=1e-5 * scale, msg=f"grad of {name}")
+
+
+@pytest.mark.parametrize("backend", backends_under_test())
+def test_fused_linear_step_is_the_logits_step(loop_step, backend):
+    """--fused-linear: the same loss, diagnostics and parameter gradients from hidden states and lm_head
+    weights as from the aligned logits; the student's lm_head is tied to its embedding, which gets both
+    gradients."""
+    student, teacher, tokenizer, rollouts = loop_step
+    with torch.no_grad():
+        hidden, partial, full = example.aligned_hidden_states(student, teacher, tokenizer, rollouts)
+        logits = example.aligned_logits(student, teacher, tokenizer, rollouts)
+    torch.testing.assert_close(student.lm_head(hidden), logits[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(teacher.lm_head(full), logits[2], rtol=1e-5, atol=1e-5)
+    expected_loss, expected_diagnostics, expected_grads = _step(loop_step, backend)
+    student.zero_grad(set_to_none=True)
+    loss, diagnostics = example.fused_linear_aropd_loss(student, teacher, tokenizer, rollouts, lam=LAM, clip=CLIP,
+                                                        beta=BETA, backend=backend)
+    loss.backward()
+    assert_loss_close(loss.detach().reshape(1), expected_loss.reshape(1).double(), "loss")
+    for name, actual, expected in zip(diagnostics._fields, diagnostics, expected_diagnostics):
+        assert_loss_close(actual, expected.double(), name)
+    for name, param in student.named_parameters():
+        scale = expected_grads[name].abs().max().item()
+        torch.testing.assert_close(param.grad, expected_grads[name], rtol=1e-4, atol=1e-5 * scale,
+                                   msg=f"grad of {name}")
 
 
 # --- torch.compile ---------------------------------------------------------------------------------

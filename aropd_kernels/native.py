@@ -50,7 +50,7 @@ def instruction_sets() -> list[str]:
 
 
 def _select_instruction_set(name: str) -> None:
-    """Test hook: run the kernel's copy for ``name`` (one of :func:`instruction_sets`) from now on."""
+    """Test and benchmark hook: run the kernel's copy for ``name`` (one of :func:`instruction_sets`) from now on."""
     if not _module().select_instruction_set(name):
         raise ValueError(f"this CPU cannot run instruction set {name!r}; it can run {instruction_sets()}.")
 

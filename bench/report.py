@@ -121,16 +121,15 @@ def table(rows: list[dict], modes: tuple[str, ...]) -> str:
     reason below."""
     reasons: list[str] = []
     blocks = {mode: _table_lines(rows, mode, reasons) for mode in modes}
-    measured = [line for lines in blocks.values() for line in lines if len(line) == len(HEADER)]
-    widths = [max([len(h)] + [len(line[i]) for line in measured + [line[:4] for lines in blocks.values()
-                                                                   for line in lines] if i < len(line)])
-              for i, h in enumerate(HEADER)]
+    # column widths from the header and every measured cell; a failure's status does not widen its column
+    sized = [line if len(line) == len(HEADER) else line[:4] for lines in blocks.values() for line in lines]
+    widths = [max([len(name)] + [len(line[i]) for line in sized if i < len(line)]) for i, name in enumerate(HEADER)]
 
-    def render(cells) -> str:  # a failure's status runs on, left-aligned, after the shape
-        if len(cells) < len(HEADER):
-            return " ".join(cell.ljust(w) for cell, w in zip(cells[:-1], widths)) + " " + cells[-1]
-        return " ".join(cell.rjust(w) if right else cell.ljust(w)
-                        for cell, w, right in zip(cells, widths, _RIGHT_ALIGNED, strict=True)).rstrip()
+    def render(cells) -> str:  # a failure's status runs on after the shape's four cells
+        aligned = [cell.rjust(w) if right else cell.ljust(w)
+                   for cell, w, right in zip(cells[:4], widths, _RIGHT_ALIGNED)]
+        return " ".join(aligned + ([cells[4]] if len(cells) < len(HEADER) else
+                                   [cell.rjust(w) for cell, w in zip(cells[4:], widths[4:])]))
 
     out = []
     for mode, lines in blocks.items():

@@ -1,4 +1,4 @@
-"""A whole AR-OPD loop on CPU in about a minute: tiny transformers student, EMA self-teacher, no downloads.
+"""A whole AR-OPD loop on CPU in under a minute: tiny transformers student, EMA self-teacher, no downloads.
 
     python python/train_tiny_aropd.py --steps 20 [--backend auto] [--lam 1.0] [--clip 5.0] [--beta 0.0]
 

@@ -94,7 +94,7 @@ setup(
     cmdclass=cmdclass,
     # Lower bounds are the versions CI tests: .ci/run runs the suite a second time with every bound
     # below pinned (.ci/lower-bounds.txt); the first run takes the newest releases.
-    # No triton here: torch's CUDA wheels pin their own (torch 2.13.0: triton==3.7.1, the floor below)
+    # No triton here: torch's CUDA wheels pin their own (torch 2.13.0: triton==3.7.1, the test extra's floor)
     # and a requirement of ours could only conflict with it or replace it; CPU-only torch needs none.
     install_requires=[
         "torch>=2.13",  # custom_op, register_autograd, torch.compile of the op

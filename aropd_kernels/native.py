@@ -50,7 +50,7 @@ def instruction_sets() -> list[str]:
 
 
 def _select_instruction_set(name: str) -> None:
-    """Test hook: run the kernel's copy for ``name`` (one of :func:`instruction_sets`) from now on."""
+    """Test and benchmark hook: run the kernel's copy for ``name`` (one of :func:`instruction_sets`) from now on."""
     if not _module().select_instruction_set(name):
         raise ValueError(f"this CPU cannot run instruction set {name!r}; it can run {instruction_sets()}.")
 
@@ -68,22 +68,22 @@ def _dtype_code(tensor: torch.Tensor, name: str) -> int:
     return codes[tensor.dtype]
 
 
-def _view(tensor: torch.Tensor | None, name: str, n_rows: int, vocab: int) -> tuple[int, int, int, int, int]:
-    """(address, dtype code, T, batch stride, sequence stride) of a [B, T, V] CPU view; zeros for None.
+def _view(tensor: torch.Tensor | None, name: str, shape: torch.Size) -> tuple[int, int, int, int]:
+    """(address, dtype code, batch stride, sequence stride) of a [B, T, V] CPU view; zeros for None.
 
-    The three inputs share N = B * T and V but not necessarily B and T: functional.py views each
-    tensor as rows on its own, so a contiguous tensor and a sliced one may split N differently.
+    Every view of one call has the student's shape ``[B, T, V]`` (the contract of backends.py); only
+    the strides of B and T may differ between them.
     """
     if tensor is None:
-        return (0, 0, 1, 0, 0)
+        return (0, 0, 0, 0)
     if tensor.device.type != "cpu":
         raise ValueError(f"native backend: {name} must be a CPU tensor, got {tensor.device}.")
-    if tensor.dim() != 3 or tensor.shape[0] * tensor.shape[1] != n_rows or tensor.shape[2] != vocab:
-        raise ValueError(f"native backend: {name} must be a [B, T, V] view with B * T = {n_rows} and V = {vocab}, "
+    if tensor.shape != shape:
+        raise ValueError(f"native backend: {name} must be a [B, T, V] view of the student's shape {tuple(shape)}, "
                          f"got {tuple(tensor.shape)}.")
-    if vocab > 1 and tensor.stride(-1) != 1:
+    if shape[2] > 1 and tensor.stride(-1) != 1:
         raise ValueError(f"native backend: {name} needs unit stride in V; pass .contiguous().")
-    return (tensor.data_ptr(), _dtype_code(tensor, name), max(tensor.shape[1], 1), tensor.stride(0), tensor.stride(1))
+    return (tensor.data_ptr(), _dtype_code(tensor, name), tensor.stride(0), tensor.stride(1))
 
 
 def _per_row(tensor: torch.Tensor, name: str, dtype: torch.dtype, n_rows: int) -> torch.Tensor:
@@ -114,8 +114,9 @@ def compute_rows(
     module = _module()
     if student.dim() != 3:
         raise ValueError(f"native backend: student must be a [B, T, V] view, got shape {tuple(student.shape)}.")
-    n_rows, vocab = student.shape[0] * student.shape[1], student.shape[2]
-    views = [_view(t, n, n_rows, vocab) for t, n in ((student, "student"), (partial, "partial"), (full, "full"))]
+    n_batch, seq, vocab = student.shape
+    n_rows = n_batch * seq
+    views = [_view(t, n, student.shape) for t, n in ((student, "student"), (partial, "partial"), (full, "full"))]
     temperature = _per_row(row_temperature, "row_temperature", torch.float32, n_rows)
     active = _per_row(active, "active", torch.bool, n_rows)
     row_loss = torch.empty(n_rows, dtype=torch.float32)
@@ -127,11 +128,11 @@ def compute_rows(
             raise TypeError(f"native backend: grad_out must be float32 or the student's dtype {student.dtype}, "
                             f"got {grad_out.dtype}.")
         grad_scale = _per_row(grad_scale, "grad_scale", torch.float32, n_rows)
-    grad_view = _view(grad_out, "grad_out", n_rows, vocab)
+    grad_view = _view(grad_out, "grad_out", student.shape)
     if n_rows == 0:
         return RowResult(row_loss, diagnostics)
     module.compute_rows(
-        *views, grad_view, n_rows, vocab,
+        *views, grad_view, n_rows, seq, vocab,
         temperature.data_ptr(), active.data_ptr(), 0 if grad_scale is None else grad_scale.data_ptr(),
         row_loss.data_ptr(), 0 if diagnostics is None else diagnostics.data_ptr(),
         float(lam), float(clip), float(beta), torch.get_num_threads(),

@@ -39,6 +39,7 @@ class LossSettings:
     temperature: float = 1.0
     chunk_rows: int | None = None  # rows per block for the chunked provider; None: by vocabulary size
     teachers: int = 2  # 2: the anchored loss (partial and full views); 1: one teacher (bench/one_teacher.py)
+    native_isa: str | None = None  # the native kernel's instruction-set copy; None: the best this CPU runs
 
 
 Step = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], tuple]
@@ -140,6 +141,10 @@ def package_provider(backend: str, inplace_grad: bool = False) -> tuple[Callable
     """``make`` and ``why_unavailable`` for aropd_kernels.anchored_residual_kl(backend=backend)."""
 
     def make(settings: LossSettings) -> Step:
+        if backend == "native" and settings.native_isa is not None:
+            from aropd_kernels import native
+
+            native._select_instruction_set(settings.native_isa)  # in this measuring process only
         return autograd_step(lambda s, a, f: anchored_residual_kl(
             s, a, f, lam=settings.lam, clip=settings.clip, beta=settings.beta,
             temperature=settings.temperature, reduction="batchmean", backend=backend,

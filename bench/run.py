@@ -2,7 +2,8 @@
 
 Every provider (a way to compute the loss and the student gradient) runs on every shape (a model's
 vocabulary V × a token count N) in each mode, each (provider, shape) in a fresh process. Prints a
-table, and writes results.csv, time.png and memory.png to --out. docs/benchmarks.md explains them.
+table, and writes results.csv, results.md (the table in Markdown, with device, date and command),
+time.png and memory.png to --out. docs/benchmarks.md explains them.
 --teachers 1 measures the one-teacher loss, distillation_divergence, instead (bench/one_teacher.py).
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.metadata
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -86,13 +88,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "gradient; all: both (default)")
     parser.add_argument("--quick", action="store_true", help="the CPU-sized subset below, for a first look")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results",
-                        help="folder for results.csv, time.png and memory.png (default: bench/results/)")
+                        help="folder for results.csv, results.md, time.png and memory.png (default: bench/results/)")
     parser.add_argument("--beta", type=float, default=1.0,
                         help="divergence: 1 reverse KL (default), 0 forward KL (the AR-OPD paper's scripts), "
                              "in between generalized JSD")
     parser.add_argument("--chunk-rows", type=int, default=None, metavar="ROWS",
                         help="rows per block for the chunked provider (default: the largest power of two with at most "
                              "2^24 elements per block: 64 rows for V=152064)")
+    parser.add_argument("--native-isa", metavar="NAME",
+                        help="the native kernel's instruction-set copy for the native providers, e.g. x86-64-v3 "
+                             "(default: the best this CPU runs; aropd_kernels.native.instruction_sets() lists them)")
     parser.add_argument("--repeats", type=int, help="timed calls per measurement (default: by device, see below)")
     parser.add_argument("--timeout", type=float, default=900.0, metavar="SECONDS",
                         help="give up on one (provider, shape) after this long and report a timeout (default: 900)")
@@ -112,7 +117,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown:
         parser.error(f"--providers {' '.join(unknown)}: not a provider with --teachers {args.teachers}; "
                      f"choose from {', '.join(registry)}")
+    if args.native_isa is not None:
+        _check_native_isa(parser, args.native_isa)
     return args
+
+
+def _check_native_isa(parser: argparse.ArgumentParser, name: str) -> None:
+    from aropd_kernels import native
+
+    if not native.available():
+        parser.error(f"--native-isa: the native kernel is not built ({native.unavailable_reason()})")
+    if name not in native.instruction_sets():
+        parser.error(f"--native-isa: this CPU runs {', '.join(native.instruction_sets())}, not {name!r}")
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -167,7 +183,8 @@ def progress(total: int, enabled: bool):
 
 
 def run_sweep(args, device, sweep, plan, modes) -> list[report.Measurement]:
-    settings = LossSettings(beta=args.beta, chunk_rows=args.chunk_rows, teachers=args.teachers)
+    settings = LossSettings(beta=args.beta, chunk_rows=args.chunk_rows, teachers=args.teachers,
+                            native_isa=args.native_isa)
     registry = PROVIDERS_BY_TEACHERS[args.teachers]
     bar = progress(len(sweep) * len(args.providers), not args.no_progress)
     measurements = []
@@ -190,6 +207,7 @@ def run_sweep(args, device, sweep, plan, modes) -> list[report.Measurement]:
 
 
 def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     device = resolve_device(args.device)
     sweep, plan = plan_sweep(args, device)
@@ -203,11 +221,14 @@ def main(argv=None) -> None:
 
     rows = report.metric_rows(measurements, args.dtype, copy_bytes_per_s, inputs=1 + args.teachers)
     print(report.table(rows, modes))
-    csv_path = args.out / "results.csv"
-    report.write_csv(csv_path, rows, run_metadata(description, copy_bytes_per_s, args.teachers))
-    written = [csv_path]
+    metadata = run_metadata(description, copy_bytes_per_s, args.teachers)
+    csv_path, markdown_path = args.out / "results.csv", args.out / "results.md"
+    report.write_csv(csv_path, rows, metadata)
+    command = shlex.join(["python", "bench/run.py", *argv])
+    markdown_path.write_text(report.markdown(rows, modes, metadata, command), encoding="utf-8")
+    written = [csv_path, markdown_path]
     try:
-        written += report.plot(rows, modes, args.out)
+        written += report.plot(rows, modes, args.out, description)
     except ImportError:
         print("no plots: pip install matplotlib (or '.[bench]')", file=sys.stderr)
     print("\nwrote " + ", ".join(str(path) for path in written))

@@ -12,16 +12,16 @@ namespace py = pybind11;
 
 namespace {
 
-// (address, dtype code, T, stride of the batch dimension, stride of the sequence dimension)
-using ViewArgument = std::tuple<std::uintptr_t, int, std::int64_t, std::int64_t, std::int64_t>;
+// (address, dtype code, stride of the batch dimension, stride of the sequence dimension)
+using ViewArgument = std::tuple<std::uintptr_t, int, std::int64_t, std::int64_t>;
 
 aropd::RowsView to_view(const ViewArgument& argument) {
-  const auto& [address, dtype, seq, stride_batch, stride_seq] = argument;
-  return {reinterpret_cast<const void*>(address), dtype, seq, stride_batch, stride_seq};
+  const auto& [address, dtype, stride_batch, stride_seq] = argument;
+  return {reinterpret_cast<const void*>(address), dtype, stride_batch, stride_seq};
 }
 
 void compute_rows(const ViewArgument& student, const ViewArgument& partial, const ViewArgument& full,
-                  const ViewArgument& grad, std::int64_t n_rows, std::int64_t vocab,
+                  const ViewArgument& grad, std::int64_t n_rows, std::int64_t seq, std::int64_t vocab,
                   std::uintptr_t temperature, std::uintptr_t active, std::uintptr_t grad_scale,
                   std::uintptr_t row_loss, std::uintptr_t diagnostics, double lam, double clip, double beta,
                   int num_threads) {
@@ -31,6 +31,7 @@ void compute_rows(const ViewArgument& student, const ViewArgument& partial, cons
   problem.full = to_view(full);
   problem.grad = to_view(grad);
   problem.n_rows = n_rows;
+  problem.seq = seq;
   problem.vocab = vocab;
   problem.temperature = reinterpret_cast<const float*>(temperature);
   problem.active = reinterpret_cast<const bool*>(active);

@@ -1,4 +1,4 @@
-"""A whole AR-OPD loop on CPU in about a minute: tiny transformers student, EMA self-teacher, no downloads.
+"""A whole AR-OPD loop on CPU in under a minute: tiny transformers student, EMA self-teacher, no downloads.
 
     python python/train_tiny_aropd.py --steps 20 [--backend auto] [--lam 1.0] [--clip 5.0] [--beta 0.0] [--fused-linear]
 
@@ -33,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from aropd_kernels import anchored_residual_kl, fused_linear_anchored_residual_kl
+from aropd_kernels import anchored_residual_kl, backends, fused_linear_anchored_residual_kl
 
 SKIPPED_COMPLETION_TOKENS = 3  # the paper leaves the first completion tokens out of the loss
 EMA_DECAY = 0.99  # teacher <- EMA_DECAY * teacher + (1 - EMA_DECAY) * student, after every step
@@ -343,6 +343,20 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
 # --- driver ---------------------------------------------------------------------------------------
 
 
+def cpu_backend(parser: argparse.ArgumentParser, requested: str) -> str:
+    """The backend anchored_residual_kl runs for this example's CPU float32 logits (what ``auto``
+    resolves to); a command-line error saying why when the requested one cannot run."""
+    try:
+        return backends.resolve(requested, torch.device("cpu"), (torch.float32,))
+    except ValueError as error:
+        parser.error(f"--backend {requested}: {error}")
+
+
+def announce_pretraining(steps: int) -> None:
+    print(f"pre-training the student for {steps} supervised steps on all three prompt formats, so that its "
+          "EMA copy can read a privileged trace as a teacher (no output until it ends) ...", flush=True)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20, help="AR-OPD steps (default 20)")
@@ -363,7 +377,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: the matrices are tiny, and on a shared machine "
                              "more threads spin-wait for each other and run several times slower)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.resolved_backend = cpu_backend(parser, args.backend)
+    return args
 
 
 def main(argv=None) -> list[dict]:
@@ -375,7 +391,9 @@ def main(argv=None) -> list[dict]:
     tokenizer = CharTokenizer()
     student = build_model(tokenizer)
 
+    print(f"anchored_residual_kl backend: {args.resolved_backend} (--backend {args.backend})", flush=True)
     start = time.perf_counter()
+    announce_pretraining(args.pretrain_steps)
     pretrain_loss = pretrain(student, tokenizer, rng, args.pretrain_steps, args.pretrain_batch_size)
     print(f"pre-trained {args.pretrain_steps} steps in {time.perf_counter() - start:.1f}s, loss {pretrain_loss:.3f}")
 
@@ -391,7 +409,7 @@ def main(argv=None) -> list[dict]:
         rollouts = sample_rollouts(student, tokenizer, sample_problems(rng, args.batch_size))
         loss_fn = fused_linear_aropd_loss if args.fused_linear else aropd_loss
         loss, diagnostics = loss_fn(student, teacher, tokenizer, rollouts, lam=args.lam, clip=args.clip,
-                                    beta=args.beta, backend=args.backend)
+                                    beta=args.beta, backend=args.resolved_backend)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -418,7 +436,7 @@ def main(argv=None) -> list[dict]:
             flush=True,
         )
     print(f"student greedy accuracy after {args.steps} AR-OPD steps: {greedy_accuracy(student, tokenizer, held_out):.2f}")
-    print(f"done: backend={args.backend}, {time.perf_counter() - start:.1f}s including pre-training")
+    print(f"done: backend={args.resolved_backend}, {time.perf_counter() - start:.1f}s including pre-training")
     return history
 
 

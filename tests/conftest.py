@@ -22,6 +22,11 @@ from hypothesis import HealthCheck, settings
 
 from aropd_kernels import backends
 
+if backends._triton_interpreter_enabled() and backends.triton_available():
+    import interpreter_rounding  # the interpreter rounds float32 -> bfloat16 as the GPU does
+
+    interpreter_rounding.install()
+
 settings.register_profile(
     "ci", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
 )

@@ -7,6 +7,7 @@ processes, the CSV and the plots; it asserts no timings (the machine is shared).
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 import subprocess
 import sys
@@ -84,6 +85,8 @@ def test_metric_rows_order_quantiles_and_keep_failures():
     assert rows[("compiled", "floor_fraction")]["median"] == pytest.approx(4 * 1000 * 6 / 1e9 / 0.0015)
     assert all(rows[("native", m)]["status"] == "unavailable" and rows[("native", m)]["median"] is None
                for m in report.METRICS)
+    printed = report.table(report.metric_rows(measurements, "bfloat16", 1e9), ("forward",))
+    assert "== forward, bfloat16 logits ==" in printed and "[1] unavailable: not built" in printed
 
 
 def test_package_providers_are_thin_calls_of_the_public_api():
@@ -159,6 +162,46 @@ def test_hidden_state_providers_run_where_the_hidden_size_is_known():
                       measure.TimingPlan(0, 1, 1.0))
     assert {outcome.status for outcome in measure._measure_modes(job).values()} == {"unavailable"}
     assert "fused-linear" not in DEFAULT_PROVIDERS and "native" in DEFAULT_PROVIDERS
+def _instruction_set_after_making_the_native_provider(connection, name):
+    make, _ = package_provider("native")
+    make(LossSettings(native_isa=name))
+    from aropd_kernels import native
+
+    connection.send(native.instruction_set())
+
+
+@pytest.mark.skipif(not backends.native_available(), reason="the native kernel is not built")
+def test_native_isa_setting_selects_the_copy_in_the_measuring_process():
+    from aropd_kernels import native
+
+    name = native.instruction_sets()[-1]  # the baseline copy, which every CPU runs
+    result, status, detail = measure._run_in_child(_instruction_set_after_making_the_native_provider, (name,),
+                                                   timeout_s=120)
+    assert status == "ok", detail
+    assert result == name
+
+
+def test_cli_refuses_an_unknown_native_instruction_set():
+    command = [sys.executable, str(REPO_ROOT / "bench" / "run.py"), "--native-isa", "no-such-isa"]
+    completed = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 2
+    assert "--native-isa" in completed.stderr
+
+
+def test_gpu_check_without_a_gpu_stops_at_once_and_says_why(tmp_path):
+    out = tmp_path / "gpu-check"
+    completed = subprocess.run(["bash", str(REPO_ROOT / "bench" / "gpu_check.sh"), str(out)], check=False,
+                               capture_output=True, text=True, timeout=120,
+                               env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert completed.returncode == 3, completed.stdout + completed.stderr
+    assert "needs an NVIDIA GPU" in completed.stderr and "Nothing was run" in completed.stderr
+    assert not out.exists()
+
+
+def test_gpu_check_asks_for_its_output_folder():
+    completed = subprocess.run(["bash", str(REPO_ROOT / "bench" / "gpu_check.sh")], check=False,
+                               capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 2 and "usage: bash bench/gpu_check.sh OUT_FOLDER" in completed.stderr
 
 
 def test_unavailable_backends_say_why():
@@ -206,9 +249,9 @@ def test_a_child_that_dies_or_hangs_is_reported_not_raised():
 def test_cli_smoke_writes_csv_and_plots_and_reports_unavailable_providers(tmp_path):
     providers = ["eager", "chunked", "native", "native-inplace", "triton"]
     command = [sys.executable, str(REPO_ROOT / "bench" / "run.py"), "--device", "cpu", "--vocab", "1000",
-               "--tokens", "4", "--providers", *providers, "--repeats", "2", "--no-progress",
+               "--tokens", "4", "--providers", *providers, "--repeats", "2", "--no-progress", "--dtype", "float32",
                "--out", str(tmp_path)]
-    completed = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
+    completed = subprocess.run(command, check=False, capture_output=True, text=True, timeout=600)  # a hang guard
     assert completed.returncode == 0, completed.stderr
 
     with open(tmp_path / "results.csv", newline="") as handle:
@@ -230,10 +273,12 @@ def test_cli_smoke_writes_csv_and_plots_and_reports_unavailable_providers(tmp_pa
             native = by_key[(provider, "4", mode, "time_ms")]
             assert native["status"] == ("ok" if backends.native_available() else "unavailable"), native["detail"]
     assert {r["device"] for r in rows} != {""} and {r["torch_version"] for r in rows} == {torch.__version__}
-    assert "unavailable [" in completed.stdout
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
+    assert "unavailable [" in completed.stdout and "== forward+backward, float32 logits ==" in completed.stdout
+    markdown = (tmp_path / "results.md").read_text()
+    assert f"- command: `python bench/run.py {' '.join(command[2:])}`" in markdown
+    assert "- device: cpu" in markdown and "- date: " in markdown
+    assert "forward+backward, float32 logits" in markdown and "| vocab-1000 | 4 | 1000 | eager |" in markdown
+    if importlib.util.find_spec("matplotlib") is None:  # asked, not imported: the CLI's child did the plotting
         assert "no plots" in completed.stderr
     else:
         assert (tmp_path / "time.png").stat().st_size > 0 and (tmp_path / "memory.png").stat().st_size > 0

@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch import nn
 
-from aropd_kernels import AnchoredResidualKL, anchored_residual_kl
+from aropd_kernels import AnchoredResidualKL, anchored_residual_kl, backends
 from conftest import assert_loss_close, backends_under_test, device_for, gold
 from strategies import Problem
 from test_properties import check_against_gold
@@ -66,6 +66,10 @@ def test_example_runs_steps_with_finite_loss(capsys):
             assert math.isfinite(record[key]), f"{key} is not finite at step {record['step']}"
     printed = capsys.readouterr().out
     assert "step   2/2  loss" in printed and "belief_shift" in printed and "clipped_mass" in printed
+    resolved = backends.resolve("auto", torch.device("cpu"), (torch.float32,))  # native or reference, never auto
+    assert f"anchored_residual_kl backend: {resolved} (--backend auto)" in printed
+    assert f"done: backend={resolved}," in printed
+    assert printed.index("pre-training the student for 20 supervised steps") < printed.index("pre-trained 20 steps")
 
 
 def test_example_runs_with_fused_linear(capsys):

@@ -275,6 +275,8 @@ def test_contract_checks_layout_and_dtypes():
     with pytest.raises(ValueError, match="unit stride in V"):
         strided = torch.randn(1, 2, 16)[..., ::2]
         native.compute_rows(strided, good, good, grad_scale=None, grad_out=None, **rows)
+    with pytest.raises(ValueError, match="partial must be a .B, T, V. view of the student's shape"):
+        native.compute_rows(good, good.view(2, 1, 8), good, grad_scale=None, grad_out=None, **rows)
     with pytest.raises(TypeError, match="grad_out must be float32 or the student.s dtype"):
         native.compute_rows(good, good, good, grad_scale=torch.ones(2), grad_out=good.half(), **rows)
     with pytest.raises(ValueError, match="row_temperature must be a CPU torch.float32"):

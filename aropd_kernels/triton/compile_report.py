@@ -105,7 +105,7 @@ def compile_one(spec: Specialization) -> Report:
     import torch
 
     from .kernels import anchored_residual_rows_kernel as kernel
-    from .launch import ENABLE_FP_FUSION, exact_divergence
+    from .launch import LaunchConfig, exact_divergence
 
     grad_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.student_dtype]
     grad_dtype = grad_dtype if spec.write_grad else None  # the gradient has the student's dtype
@@ -120,7 +120,7 @@ def compile_one(spec: Specialization) -> Report:
             knobs.nvidia.dump_ptxas_log = True  # Triton prints the log of its own ptxas run
             knobs.compilation.always_compile = True  # a cached kernel would skip ptxas and its log
             compiled = triton.compile(source, target=GPUTarget("cuda", spec.arch, 32),
-                                      options={"num_warps": spec.num_warps, "enable_fp_fusion": ENABLE_FP_FUSION})
+                                      options=LaunchConfig(spec.block_v, spec.num_warps).compile_options())
         registers, spill_bytes = _ptxas_numbers(log.getvalue())
         return Report(spec, registers, spill_bytes, compiled.metadata.shared, None)
     except Exception as error:  # reported per specialization, and the exit code says it failed

@@ -70,6 +70,14 @@ def _inverse_temperature(temperature, like: torch.Tensor, dtype: torch.dtype) ->
     return 1.0 / float(temperature)
 
 
+def _infinite_where(total: torch.Tensor, log_allowing: torch.Tensor, log_forbidding: torch.Tensor) -> torch.Tensor:
+    """+inf on rows where some token is allowed by one distribution (log-probability > -inf) and
+    forbidden by the other (-inf), so that KL(allowing || forbidding) is +inf in exact arithmetic
+    however far the allowing probability underflows; NaN rows stay NaN (docs/math.md)."""
+    infinite = ((log_allowing > NEG_INF) & (log_forbidding == NEG_INF)).any(-1) & ~total.isnan()
+    return torch.where(infinite, torch.full_like(total, math.inf), total)
+
+
 def _exact_mean(weight: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """Per-row ``sum(weight * value) / sum(weight)`` in float64 from the (float32) terms as given.
 
@@ -92,13 +100,14 @@ def _divergence_and_score(log_student, log_target, beta):
     q = log_target.exp()
     if beta == 1.0:  # reverse KL(p || q)
         gap = log_student - log_target
-        divergence = _exact_mean(p, gap)
+        divergence = _infinite_where(_exact_mean(p, gap), log_student, log_target)
         high = divergence.to(gap.dtype)
         low = torch.where(high.isfinite(), (divergence - high.double()).to(gap.dtype), 0.0)
         score = _xlogy_where(p, (gap - high.unsqueeze(-1)) - low.unsqueeze(-1))
         divergence = divergence.to(gap.dtype)
     elif beta == 0.0:  # forward KL(q || p)
         divergence = _xlogy_where(q, log_target - log_student).sum(-1)
+        divergence = _infinite_where(divergence, log_target, log_student)
         score = p - q
     else:  # generalized JSD with mixture m = beta q + (1 - beta) p, formed in log space
         log_mixture = torch.logaddexp(math.log(beta) + log_target, math.log1p(-beta) + log_student)
@@ -112,7 +121,7 @@ def _divergence_and_score(log_student, log_target, beta):
 def _diagnostics(log_student, log_partial, log_full, log_target, clip) -> torch.Tensor:
     """[4, N]: belief_shift, clipped_mass, student_entropy, target_entropy (SPEC §3)."""
     q_full = log_full.exp()
-    belief_shift = _xlogy_where(q_full, log_full - log_partial).sum(-1)
+    belief_shift = _infinite_where(_xlogy_where(q_full, log_full - log_partial).sum(-1), log_full, log_partial)
     clipped = (log_full - log_partial).abs() > clip
     clipped_mass = torch.where(clipped, q_full, torch.zeros_like(q_full)).sum(-1)
     student_entropy = -_xlogy_where(log_student.exp(), log_student).sum(-1)

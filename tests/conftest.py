@@ -73,6 +73,14 @@ def gold_target(la: torch.Tensor, lf: torch.Tensor, lam: float, clip: float) -> 
     return torch.log_softmax(z, dim=-1)
 
 
+def _infinite_where(total: torch.Tensor, log_allowing: torch.Tensor, log_forbidding: torch.Tensor) -> torch.Tensor:
+    """+inf on rows with a token that ``log_allowing`` allows and ``log_forbidding`` forbids: there
+    KL(allowing || forbidding) is +inf in exact arithmetic, even where the allowing probability
+    underflows to 0 in float64 (logits of scale 50 at T = 0.05 reach log-probabilities far below -745)."""
+    infinite = ((log_allowing > NEG_INF) & (log_forbidding == NEG_INF)).any(-1) & ~total.isnan()
+    return torch.where(infinite, torch.full_like(total, math.inf), total)
+
+
 def gold(student, partial, full, *, lam, clip, beta, temperature, dtype=torch.float64) -> Gold:
     """Evaluation of SPEC §1 on [N, V] inputs; temperature is a float or a [N] tensor.
 
@@ -98,8 +106,16 @@ def gold(student, partial, full, *, lam, clip, beta, temperature, dtype=torch.fl
         ).sum(-1)
     (grad,) = torch.autograd.grad(loss.sum(), s) if loss.numel() else (torch.zeros_like(s),)
     with torch.no_grad():
+        if beta == 1.0:
+            loss = _infinite_where(loss, ls, lq)
+            # the gradient of a +inf loss is not defined (docs/math.md); autograd gives a finite one
+            # where p underflows in float64 too
+            grad = torch.where(torch.isinf(loss).unsqueeze(-1), torch.full_like(grad, math.nan), grad)
+        elif beta == 0.0:
+            loss = _infinite_where(loss, lq, ls)  # its gradient p - q stays finite: autograd's is kept
         q_full = lf.exp()
         belief_shift = (q_full * (_safe(q_full > 0, lf) - _safe(q_full > 0, la))).sum(-1)
+        belief_shift = _infinite_where(belief_shift, lf, la)
         clipped_mass = _safe((lf - la).abs() > clip, q_full).sum(-1)
         student_entropy = -(p * _safe(p > 0, ls)).sum(-1)
         target_entropy = -(q * _safe(q > 0, lq)).sum(-1)

@@ -27,7 +27,7 @@ def _flat(tensor: torch.Tensor | None, vocab: int | None = None):
 def check_against_gold(problem, backend: str) -> None:
     device = device_for(backend)
     vocab = problem.student.shape[-1]
-    student = problem.student.to(device).requires_grad_(True)
+    student = problem.student.detach().to(device).requires_grad_(True)  # a leaf of its own
     kwargs = dict(lam=problem.lam, clip=problem.clip, beta=problem.beta, backend=backend,
                   temperature=problem.temperature.to(device) if isinstance(problem.temperature, torch.Tensor)
                   else problem.temperature,
@@ -107,3 +107,50 @@ def confident_student_problem(vocab: int, dtype: torch.dtype, seed: int) -> Prob
 def test_confident_student_far_from_the_target_keeps_the_gradient_rule(backend, vocab, dtype):
     for seed in range(12):
         check_against_gold(confident_student_problem(vocab, dtype, seed), backend)
+
+
+# Rows whose exact answer is +inf although every probability that makes it so underflows in float32:
+# (what is zero, what allows it, beta). The infinity must come from the log-probabilities.
+UNDERFLOW_CASES = {
+    # forward KL: the student forbids a token the target gives log-probability about -120
+    "forward-kl": ("student", ("partial", "full"), -120.0, 0.0),
+    # reverse KL: both teachers forbid a token the student gives log-probability about -150
+    "reverse-kl": (("partial", "full"), "student", -150.0, 1.0),
+    # belief_shift KL(q_F || q_P): the anchor forbids a token the full teacher gives about -120
+    "belief-shift": ("partial", "full", -120.0, 0.5),
+}
+
+
+def underflow_problem(case: str, far: str, vocab: int, dtype: torch.dtype) -> Problem:
+    """Three rows; in row 1 one input forbids a token that another allows with a logit pushed far
+    down. ``far`` is "one token" (near the row's end) or "first half": then the forbidden token is
+    the first and the allowing input's whole first half is far down, so that a kernel lane meets
+    it first, with weight 1, and the rest of the row later (an infinite term times a rescale of 0 is
+    NaN). Rows 0 and 2 are ordinary finite rows."""
+    forbidding, allowing, log_prob, beta = UNDERFLOW_CASES[case]
+    generator = torch.Generator().manual_seed(vocab)
+    inputs = {name: torch.randn(3, vocab, generator=generator, dtype=torch.float64) * 2
+              for name in ("student", "partial", "full")}
+    token, far_tokens = (vocab - 2, slice(vocab - 2, vocab - 1)) if far == "one token" else (0, slice(0, vocab // 2))
+    for name in (allowing if isinstance(allowing, tuple) else (allowing,)):
+        inputs[name][1, far_tokens] = log_prob
+    for name in (forbidding if isinstance(forbidding, tuple) else (forbidding,)):
+        inputs[name][1, token] = -math.inf
+    return Problem(inputs["student"].to(dtype), inputs["partial"].float(), inputs["full"].float(), lam=1.0,
+                   clip=math.inf, beta=beta, temperature=1.0, mask=None, weights=None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("vocab", [8, 3000])
+@pytest.mark.parametrize("far", ["one token", "first half"])
+@pytest.mark.parametrize("case", list(UNDERFLOW_CASES))
+def test_infinite_row_is_infinite_where_float32_underflows(backend, case, far, vocab, dtype):
+    problem = underflow_problem(case, far, vocab, dtype)
+    device = device_for(backend)
+    per_token, diagnostics = anchored_residual_kl(
+        problem.student.to(device), problem.partial.to(device), problem.full.to(device), lam=problem.lam,
+        clip=problem.clip, beta=problem.beta, reduction="none", return_diagnostics=True, backend=backend)
+    value = diagnostics.belief_shift if case == "belief-shift" else per_token
+    assert value[1].item() == math.inf, f"{case}: row 1 is {value[1].item()}, float64 says +inf"
+    assert torch.isfinite(value[[0, 2]]).all()
+    check_against_gold(problem, backend)

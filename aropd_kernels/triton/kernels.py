@@ -23,6 +23,8 @@ from .tl_utils import (
     LN_2,
     LOG2_E,
     NEG_INF,
+    allowed_where_forbidden,
+    infinite_if,
     lane_weights,
     log2_probs,
     log2_1p,
@@ -103,6 +105,9 @@ def _target_sweep(rows, normalizers, vocab, scale, lam, clip, DIVERGENCE: tl.con
     from moving with the student's normalizer. A half-precision gradient cannot hold either.
     Forward KL: D = sum q (z - ls) - lse_z, the q-weighted sum kept per lane with the same rescaling
     as the running sum of exp2(z).
+    Infinities (reverse KL, forward KL, belief_shift) are decided from log-probabilities, a per-lane
+    flag of :func:`allowed_where_forbidden` reduced after the sweep: the probability that makes the
+    sum infinite may underflow to 0 in float32.
     """
     z_max = tl.full([BLOCK_V], NEG_INF, tl.float32)
     z_sum = tl.zeros([BLOCK_V], tl.float32)
@@ -113,6 +118,8 @@ def _target_sweep(rows, normalizers, vocab, scale, lam, clip, DIVERGENCE: tl.con
     belief_shift = tl.zeros([BLOCK_V], tl.float32)
     clipped_mass = tl.zeros([BLOCK_V], tl.float32)
     target_qz = tl.zeros([BLOCK_V], tl.float32)
+    infinite_divergence = tl.zeros([BLOCK_V], tl.int1)
+    infinite_shift = tl.zeros([BLOCK_V], tl.int1)
     for start in range(0, vocab, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         log_student, log_partial, log_full, z = _block_log_probs(
@@ -125,14 +132,18 @@ def _target_sweep(rows, normalizers, vocab, scale, lam, clip, DIVERGENCE: tl.con
                 exact_student_mass += student_prob.to(tl.float64)
             else:
                 divergence_total += weighted_term(student_prob, log_student - z)
+            infinite_divergence |= allowed_where_forbidden(log_student, z)
         if DIVERGENCE == FORWARD_KL:
-            z_minus_student = tl.where(z == NEG_INF, 0.0, z - log_student)  # q = 0 there
+            # 0 where q = 0, and where ls = -inf (the flag carries that infinity: the weight may be 0)
+            z_minus_student = tl.where((z == NEG_INF) | (log_student == NEG_INF), 0.0, z - log_student)
             divergence_total = online_weighted_update(divergence_total, z_minus_student, decay, grew)
+            infinite_divergence |= allowed_where_forbidden(z, log_student)
         if WITH_DIAGNOSTICS:
             student_plogp += weighted_term(tl.exp2(log_student), log_student)
             full_prob = tl.exp2(log_full)
             shift = log_full - log_partial
             belief_shift += weighted_term(full_prob, shift)
+            infinite_shift |= allowed_where_forbidden(log_full, log_partial)
             clipped_mass += tl.where(tl.abs(shift) > clip, full_prob, 0.0)
             target_qz = online_weighted_update(target_qz, tl.where(z == NEG_INF, 0.0, z), decay, grew)
     lane_weight, z_row_max, z_row_sum = lane_weights(z_max, z_sum, 1.0)
@@ -145,13 +156,14 @@ def _target_sweep(rows, normalizers, vocab, scale, lam, clip, DIVERGENCE: tl.con
             student_gap = tl.sum(exact_gap_total, 0) / tl.sum(exact_student_mass, 0)
         else:
             student_gap = tl.sum(divergence_total, 0)
+        student_gap = infinite_if(student_gap, infinite_divergence)
         divergence = student_gap + lse_z
     if DIVERGENCE == FORWARD_KL:
-        divergence = tl.sum(divergence_total * lane_weight, 0) / z_row_sum - lse_z
+        divergence = infinite_if(tl.sum(divergence_total * lane_weight, 0) / z_row_sum - lse_z, infinite_divergence)
     diagnostics = (0.0, 0.0, 0.0, 0.0)
     if WITH_DIAGNOSTICS:
         target_entropy = lse_z - tl.sum(target_qz * lane_weight, 0) / z_row_sum
-        diagnostics = (tl.sum(belief_shift, 0) * LN_2, tl.sum(clipped_mass, 0),
+        diagnostics = (infinite_if(tl.sum(belief_shift, 0) * LN_2, infinite_shift), tl.sum(clipped_mass, 0),
                        -tl.sum(student_plogp, 0) * LN_2, target_entropy * LN_2)
     return target_normalizer, divergence, student_gap, diagnostics
 

@@ -83,6 +83,20 @@ def target_logit(log_partial, log_full, lam, clip):
 
 
 @triton.jit
+def allowed_where_forbidden(log_allowing, log_forbidding):
+    """True where one distribution allows a token (log-probability > -inf) that the other forbids:
+    KL(allowing || forbidding) is then +inf, however far the allowing probability underflows."""
+    return (log_allowing > NEG_INF) & (log_forbidding == NEG_INF)
+
+
+@triton.jit
+def infinite_if(total, lane_flags):
+    """+inf when any lane's :func:`allowed_where_forbidden` flag is set, else ``total``; NaN stays NaN."""
+    any_flag = tl.max(lane_flags.to(tl.int32), 0) > 0
+    return tl.where(any_flag & (total == total), float("inf"), total)
+
+
+@triton.jit
 def weighted_term(weight, value):
     """weight * value, exactly 0 where the weight is exactly 0 (0 log 0 = 0); NaN weights stay NaN."""
     return tl.where(weight == 0.0, 0.0, weight * value)

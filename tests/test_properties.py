@@ -154,3 +154,17 @@ def test_infinite_row_is_infinite_where_float32_underflows(backend, case, far, v
     assert value[1].item() == math.inf, f"{case}: row 1 is {value[1].item()}, float64 says +inf"
     assert torch.isfinite(value[[0, 2]]).all()
     check_against_gold(problem, backend)
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.0, 0.5])
+@pytest.mark.parametrize("vocab", [8, 3000])
+def test_target_far_below_zero_keeps_its_precision(backend, vocab, beta):
+    """The anchor forbids the full teacher's top token, so the target's mass sits on tokens whose
+    log-probabilities are near -1200 (at T = 0.05): sums of q z and lse_z, each rounded at the ulp of
+    z, cancel in the target entropy and in forward KL unless the sums are centered on the max."""
+    generator = torch.Generator().manual_seed(vocab)
+    student, partial, full = (torch.randn(2, vocab, generator=generator, dtype=torch.float64) for _ in range(3))
+    full -= 60.0
+    full[:, 0], partial[:, 0] = 0.0, -math.inf
+    check_against_gold(Problem(student.float(), partial.float(), full.float(), lam=1.0, clip=math.inf, beta=beta,
+                               temperature=0.05, mask=None, weights=None), backend)

@@ -24,12 +24,13 @@ from .tl_utils import (
     LOG2_E,
     NEG_INF,
     allowed_where_forbidden,
+    centered_row_mean,
     infinite_if,
     lane_weights,
     log2_probs,
     log2_1p,
+    online_centered_update,
     online_logsumexp_update,
-    online_weighted_update,
     target_logit,
     weighted_term,
 )
@@ -103,8 +104,10 @@ def _target_sweep(rows, normalizers, vocab, scale, lam, clip, DIVERGENCE: tl.con
     p and ls - z say to the last bit (a product of two floats is exact in float64; a float32 sum is
     off by up to half an ulp of D per term), and the mean over p (sum p is 1 only up to rounding) keeps it
     from moving with the student's normalizer. A half-precision gradient cannot hold either.
-    Forward KL: D = sum q (z - ls) - lse_z, the q-weighted sum kept per lane with the same rescaling
-    as the running sum of exp2(z).
+    Forward KL: D = sum q ((z - max_z) - ls) - log2 sum exp2(z - max_z), the q-weighted sum kept per
+    lane, centered on the lane's running max of z, with the same rescaling as the running sum of
+    exp2(z); the target entropy likewise from sum q (z - max_z). Centered, neither cancels against
+    lse_z where z is far from 0 (a target whose likely tokens have log-probabilities near -1000).
     Infinities (reverse KL, forward KL, belief_shift) are decided from log-probabilities, a per-lane
     flag of :func:`allowed_where_forbidden` reduced after the sweep: the probability that makes the
     sum infinite may underflow to 0 in float32.
@@ -117,14 +120,16 @@ def _target_sweep(rows, normalizers, vocab, scale, lam, clip, DIVERGENCE: tl.con
     student_plogp = tl.zeros([BLOCK_V], tl.float32)
     belief_shift = tl.zeros([BLOCK_V], tl.float32)
     clipped_mass = tl.zeros([BLOCK_V], tl.float32)
-    target_qz = tl.zeros([BLOCK_V], tl.float32)
+    target_centered_z = tl.zeros([BLOCK_V], tl.float32)
     infinite_divergence = tl.zeros([BLOCK_V], tl.int1)
     infinite_shift = tl.zeros([BLOCK_V], tl.int1)
     for start in range(0, vocab, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         log_student, log_partial, log_full, z = _block_log_probs(
             rows, normalizers, cols, cols < vocab, scale, lam, clip, "evict_last")
+        previous_max, previous_sum = z_max, z_sum
         z_max, z_sum, decay, grew = online_logsumexp_update(z_max, z_sum, z, 1.0)
+        z_centered = tl.where(z == NEG_INF, 0.0, z - z_max)  # q = 0 where z = -inf
         if DIVERGENCE == REVERSE_KL:
             student_prob = tl.exp2(log_student)
             if EXACT_DIVERGENCE:
@@ -134,9 +139,10 @@ def _target_sweep(rows, normalizers, vocab, scale, lam, clip, DIVERGENCE: tl.con
                 divergence_total += weighted_term(student_prob, log_student - z)
             infinite_divergence |= allowed_where_forbidden(log_student, z)
         if DIVERGENCE == FORWARD_KL:
-            # 0 where q = 0, and where ls = -inf (the flag carries that infinity: the weight may be 0)
-            z_minus_student = tl.where((z == NEG_INF) | (log_student == NEG_INF), 0.0, z - log_student)
-            divergence_total = online_weighted_update(divergence_total, z_minus_student, decay, grew)
+            # 0 where ls = -inf too: the flag carries that infinity (the weight may be 0)
+            z_minus_student = tl.where(log_student == NEG_INF, 0.0, z_centered - log_student)
+            divergence_total = online_centered_update(divergence_total, z_minus_student, previous_max, previous_sum,
+                                                      z_max, decay, grew)
             infinite_divergence |= allowed_where_forbidden(z, log_student)
         if WITH_DIAGNOSTICS:
             student_plogp += weighted_term(tl.exp2(log_student), log_student)
@@ -145,10 +151,10 @@ def _target_sweep(rows, normalizers, vocab, scale, lam, clip, DIVERGENCE: tl.con
             belief_shift += weighted_term(full_prob, shift)
             infinite_shift |= allowed_where_forbidden(log_full, log_partial)
             clipped_mass += tl.where(tl.abs(shift) > clip, full_prob, 0.0)
-            target_qz = online_weighted_update(target_qz, tl.where(z == NEG_INF, 0.0, z), decay, grew)
+            target_centered_z = online_centered_update(target_centered_z, z_centered, previous_max, previous_sum,
+                                                       z_max, decay, grew)
     lane_weight, z_row_max, z_row_sum = lane_weights(z_max, z_sum, 1.0)
     target_normalizer = (z_row_max, tl.log2(z_row_sum))
-    lse_z = z_row_max + target_normalizer[1]
     divergence = 0.0
     student_gap = 0.0
     if DIVERGENCE == REVERSE_KL:
@@ -157,12 +163,14 @@ def _target_sweep(rows, normalizers, vocab, scale, lam, clip, DIVERGENCE: tl.con
         else:
             student_gap = tl.sum(divergence_total, 0)
         student_gap = infinite_if(student_gap, infinite_divergence)
-        divergence = student_gap + lse_z
+        divergence = (student_gap + z_row_max) + target_normalizer[1]  # lse_z, never rounded as a whole
     if DIVERGENCE == FORWARD_KL:
-        divergence = infinite_if(tl.sum(divergence_total * lane_weight, 0) / z_row_sum - lse_z, infinite_divergence)
+        divergence = centered_row_mean(divergence_total, z_max, z_sum, lane_weight, z_row_max, z_row_sum)
+        divergence = infinite_if(divergence - target_normalizer[1], infinite_divergence)
     diagnostics = (0.0, 0.0, 0.0, 0.0)
     if WITH_DIAGNOSTICS:
-        target_entropy = lse_z - tl.sum(target_qz * lane_weight, 0) / z_row_sum
+        target_entropy = target_normalizer[1] - centered_row_mean(target_centered_z, z_max, z_sum, lane_weight,
+                                                                  z_row_max, z_row_sum)
         diagnostics = (infinite_if(tl.sum(belief_shift, 0) * LN_2, infinite_shift), tl.sum(clipped_mass, 0),
                        -tl.sum(student_plogp, 0) * LN_2, target_entropy * LN_2)
     return target_normalizer, divergence, student_gap, diagnostics

@@ -6,7 +6,7 @@ accumulators, reduced across lanes once at the end of the sweep:
 1. ``_log_normalizers``: online log-sum-exp of student, partial and full logits in one read.
 2. ``_target_sweep``: the target logits ``z``, their log-normalizer and the row sums the divergence
    needs (reverse KL: sum p (ls - z) and sum p, in float64 for float32 gradients; forward KL: the
-   running q-weighted mean of z - ls), plus the
+   running q-weighted mean of (z - max) - ls), plus the
    diagnostics when ``WITH_DIAGNOSTICS`` (a constexpr: nothing of it is compiled when off).
 3. ``_jsd_sweep`` (JSD only): KL(q || m) and KL(p || m), which need the exact lq inside lm.
 4. ``_gradient_sweep`` (when ``WRITE_GRAD``): the student gradient, already scaled by the row's
@@ -26,6 +26,7 @@ from .tl_utils import (
     allowed_where_forbidden,
     centered_row_mean,
     infinite_if,
+    kl_term,
     lane_weights,
     log2_probs,
     log2_1p,
@@ -121,8 +122,7 @@ def _target_sweep(rows, normalizers, vocab, scale, lam, clip, DIVERGENCE: tl.con
     belief_shift = tl.zeros([BLOCK_V], tl.float32)
     clipped_mass = tl.zeros([BLOCK_V], tl.float32)
     target_centered_z = tl.zeros([BLOCK_V], tl.float32)
-    infinite_divergence = tl.zeros([BLOCK_V], tl.int1)
-    infinite_shift = tl.zeros([BLOCK_V], tl.int1)
+    infinite_forward = tl.zeros([BLOCK_V], tl.int32)  # forward KL's flag of allowed_where_forbidden
     for start in range(0, vocab, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         log_student, log_partial, log_full, z = _block_log_probs(
@@ -132,24 +132,23 @@ def _target_sweep(rows, normalizers, vocab, scale, lam, clip, DIVERGENCE: tl.con
         z_centered = tl.where(z == NEG_INF, 0.0, z - z_max)  # q = 0 where z = -inf
         if DIVERGENCE == REVERSE_KL:
             student_prob = tl.exp2(log_student)
+            infinite = allowed_where_forbidden(log_student, z)
             if EXACT_DIVERGENCE:
-                exact_gap_total += weighted_term(student_prob.to(tl.float64), (log_student - z).to(tl.float64))
+                exact_gap_total += kl_term(student_prob.to(tl.float64), (log_student - z).to(tl.float64), infinite)
                 exact_student_mass += student_prob.to(tl.float64)
             else:
-                divergence_total += weighted_term(student_prob, log_student - z)
-            infinite_divergence |= allowed_where_forbidden(log_student, z)
+                divergence_total += kl_term(student_prob, log_student - z, infinite)
         if DIVERGENCE == FORWARD_KL:
             # 0 where ls = -inf too: the flag carries that infinity (the weight may be 0)
             z_minus_student = tl.where(log_student == NEG_INF, 0.0, z_centered - log_student)
             divergence_total = online_centered_update(divergence_total, z_minus_student, previous_max, previous_sum,
                                                       z_max, decay, grew)
-            infinite_divergence |= allowed_where_forbidden(z, log_student)
+            infinite_forward |= allowed_where_forbidden(z, log_student).to(tl.int32)
         if WITH_DIAGNOSTICS:
             student_plogp += weighted_term(tl.exp2(log_student), log_student)
             full_prob = tl.exp2(log_full)
             shift = log_full - log_partial
-            belief_shift += weighted_term(full_prob, shift)
-            infinite_shift |= allowed_where_forbidden(log_full, log_partial)
+            belief_shift += kl_term(full_prob, shift, allowed_where_forbidden(log_full, log_partial))
             clipped_mass += tl.where(tl.abs(shift) > clip, full_prob, 0.0)
             target_centered_z = online_centered_update(target_centered_z, z_centered, previous_max, previous_sum,
                                                        z_max, decay, grew)
@@ -162,16 +161,15 @@ def _target_sweep(rows, normalizers, vocab, scale, lam, clip, DIVERGENCE: tl.con
             student_gap = tl.sum(exact_gap_total, 0) / tl.sum(exact_student_mass, 0)
         else:
             student_gap = tl.sum(divergence_total, 0)
-        student_gap = infinite_if(student_gap, infinite_divergence)
         divergence = (student_gap + z_row_max) + target_normalizer[1]  # lse_z, never rounded as a whole
     if DIVERGENCE == FORWARD_KL:
         divergence = centered_row_mean(divergence_total, z_max, z_sum, lane_weight, z_row_max, z_row_sum)
-        divergence = infinite_if(divergence - target_normalizer[1], infinite_divergence)
+        divergence = infinite_if(divergence - target_normalizer[1], infinite_forward)
     diagnostics = (0.0, 0.0, 0.0, 0.0)
     if WITH_DIAGNOSTICS:
         target_entropy = target_normalizer[1] - centered_row_mean(target_centered_z, z_max, z_sum, lane_weight,
                                                                   z_row_max, z_row_sum)
-        diagnostics = (infinite_if(tl.sum(belief_shift, 0) * LN_2, infinite_shift), tl.sum(clipped_mass, 0),
+        diagnostics = (tl.sum(belief_shift, 0) * LN_2, tl.sum(clipped_mass, 0),
                        -tl.sum(student_plogp, 0) * LN_2, target_entropy * LN_2)
     return target_normalizer, divergence, student_gap, diagnostics
 

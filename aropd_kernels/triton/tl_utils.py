@@ -105,9 +105,17 @@ def allowed_where_forbidden(log_allowing, log_forbidding):
 
 @triton.jit
 def infinite_if(total, lane_flags):
-    """+inf when any lane's :func:`allowed_where_forbidden` flag is set, else ``total``; NaN stays NaN."""
-    any_flag = tl.max(lane_flags.to(tl.int32), 0) > 0
-    return tl.where(any_flag & (total == total), float("inf"), total)
+    """+inf when any lane's (int32) :func:`allowed_where_forbidden` flag is set, else ``total``; NaN
+    stays NaN. For a running sum that is rescaled, where an infinite term would become NaN."""
+    return tl.where((tl.max(lane_flags, 0) > 0) & (total == total), float("inf"), total)
+
+
+@triton.jit
+def kl_term(weight, log_ratio, infinite):
+    """A term ``weight * log_ratio`` of a KL divergence for a plain running sum: 0 where the weight is
+    exactly 0, +inf where ``infinite`` (:func:`allowed_where_forbidden`) however far the weight
+    underflowed, NaN where either is NaN."""
+    return tl.where(infinite, float("inf"), weighted_term(weight, log_ratio))
 
 
 @triton.jit

@@ -109,6 +109,20 @@ def test_confident_student_far_from_the_target_keeps_the_gradient_rule(backend, 
         check_against_gold(confident_student_problem(vocab, dtype, seed), backend)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("vocab", [64, 1000])
+def test_one_hot_student_keeps_the_gradient_rule_in_half_precision(backend, vocab, dtype):
+    """Logits of scale 50 at T = 0.05: the student is one-hot in float32 and reverse KL thousands of
+    nats, so the exact gradient is about 0 and a half-precision gradient holds it well; float32
+    rounding of D (1e-4 at 2000 nats) landed in the confident token's entry whole."""
+    for seed in range(6):
+        generator = torch.Generator().manual_seed(seed)
+        student, partial, noise = (torch.randn(4, vocab, generator=generator, dtype=torch.float64) * 50
+                                   for _ in range(3))
+        check_against_gold(Problem(student.to(dtype), partial.float(), (partial + 3 * noise).float(), lam=1.0,
+                                   clip=9.3, beta=1.0, temperature=0.05, mask=None, weights=None), backend)
+
+
 # Rows whose exact answer is +inf although every probability that makes it so underflows in float32:
 # (what is zero, what allows it, beta). The infinity must come from the log-probabilities.
 UNDERFLOW_CASES = {

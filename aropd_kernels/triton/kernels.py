@@ -5,7 +5,7 @@ accumulators, reduced across lanes once at the end of the sweep:
 
 1. ``_log_normalizers``: online log-sum-exp of student, partial and full logits in one read.
 2. ``_target_sweep``: the target logits ``z``, their log-normalizer and the row sums the divergence
-   needs (reverse KL: sum p (ls - z) and sum p, in float64 for float32 gradients; forward KL: the
+   needs (reverse KL: sum p (ls - z) and sum p, in float64 when a gradient is written; forward KL: the
    running q-weighted mean of (z - max) - ls), plus the
    diagnostics when ``WITH_DIAGNOSTICS`` (a constexpr: nothing of it is compiled when off).
 3. ``_jsd_sweep`` (JSD only): KL(q || m) and KL(p || m), which need the exact lq inside lm.
@@ -94,17 +94,17 @@ def _block_log_probs(rows, normalizers, cols, mask, scale, lam, clip, EVICTION: 
 
 @triton.jit
 def _target_sweep(rows, normalizers, vocab, scale, lam, clip, DIVERGENCE: tl.constexpr,
-                  WITH_DIAGNOSTICS: tl.constexpr, EXACT_DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr):
+                  WITH_DIAGNOSTICS: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
     """Normalizer (max, log2-sum) of z; the divergence in base 2 for reverse and forward KL (0 for JSD);
     the four diagnostics (zeros when off); for reverse KL also ``student_gap``, its D less lse_z, which
     the gradient sweep needs.
 
     Reverse KL: D = student_gap + lse_z with student_gap = sum p (ls - z) in float32, or, when
-    ``EXACT_DIVERGENCE`` (float32 gradients), sum p (ls - z) / sum p in float64: the gradient
+    ``WRITE_GRAD`` (a gradient is written, in any dtype), sum p (ls - z) / sum p in float64: the gradient
     p ((ls - z) - student_gap) cancels for a confident token, so student_gap must be what the rounded
     p and ls - z say to the last bit (a product of two floats is exact in float64; a float32 sum is
     off by up to half an ulp of D per term), and the mean over p (sum p is 1 only up to rounding) keeps it
-    from moving with the student's normalizer. A half-precision gradient cannot hold either.
+    from moving with the student's normalizer.
     Forward KL: D = sum q ((z - max_z) - ls) - log2 sum exp2(z - max_z), the q-weighted sum kept per
     lane, centered on the lane's running max of z, with the same rescaling as the running sum of
     exp2(z); the target entropy likewise from sum q (z - max_z). Centered, neither cancels against
@@ -133,7 +133,7 @@ def _target_sweep(rows, normalizers, vocab, scale, lam, clip, DIVERGENCE: tl.con
         if DIVERGENCE == REVERSE_KL:
             student_prob = tl.exp2(log_student)
             infinite = allowed_where_forbidden(log_student, z)
-            if EXACT_DIVERGENCE:
+            if WRITE_GRAD:
                 exact_gap_total += kl_term(student_prob.to(tl.float64), (log_student - z).to(tl.float64), infinite)
                 exact_student_mass += student_prob.to(tl.float64)
             else:
@@ -157,7 +157,7 @@ def _target_sweep(rows, normalizers, vocab, scale, lam, clip, DIVERGENCE: tl.con
     divergence = 0.0
     student_gap = 0.0
     if DIVERGENCE == REVERSE_KL:
-        if EXACT_DIVERGENCE:
+        if WRITE_GRAD:
             student_gap = tl.sum(exact_gap_total, 0) / tl.sum(exact_student_mass, 0)
         else:
             student_gap = tl.sum(divergence_total, 0)
@@ -281,10 +281,10 @@ def anchored_residual_rows_kernel(
     full_stride_b, full_stride_t, grad_stride_b, grad_stride_t,
     lam, clip, beta,
     DIVERGENCE: tl.constexpr, WITH_DIAGNOSTICS: tl.constexpr, WRITE_GRAD: tl.constexpr,
-    EXACT_DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     """One program per row of the per-row contract (aropd_kernels/backends.py); ``clip`` is in base 2;
-    ``EXACT_DIVERGENCE`` sums reverse KL in float64 (set for float32 gradients, see _target_sweep).
+    with ``WRITE_GRAD`` reverse KL is summed in float64 (see _target_sweep).
 
     Writes ``row_loss[row]`` = D (nats), ``diagnostics[k, row]`` when ``WITH_DIAGNOSTICS``, and the
     scaled gradient row when ``WRITE_GRAD``. Row offsets are 64-bit so that N·V >= 2^31 works.
@@ -301,7 +301,7 @@ def anchored_residual_rows_kernel(
         scale = (1.0 / temperature) * LOG2_E
         normalizers = _log_normalizers(rows[0], rows[1], rows[2], vocab, scale, BLOCK_V)
         target_normalizer, divergence, student_gap, diagnostics = _target_sweep(
-            rows, normalizers, vocab, scale, lam, clip, DIVERGENCE, WITH_DIAGNOSTICS, EXACT_DIVERGENCE, BLOCK_V)
+            rows, normalizers, vocab, scale, lam, clip, DIVERGENCE, WITH_DIAGNOSTICS, WRITE_GRAD, BLOCK_V)
         kl_student_mixture = 0.0
         if DIVERGENCE == JSD:
             kl_target_mixture, kl_student_mixture = _jsd_sweep(

@@ -58,8 +58,8 @@ def anchored_residual_target(
     """
     dtype = _compute_dtype(partial_teacher_logits, full_teacher_logits)
     inv_temperature = _inverse_temperature(temperature, partial_teacher_logits, dtype)
-    log_partial = torch.log_softmax(partial_teacher_logits.to(dtype) * inv_temperature, dim=-1)
-    log_full = torch.log_softmax(full_teacher_logits.to(dtype) * inv_temperature, dim=-1)
+    log_partial = _log_softmax_at(partial_teacher_logits.to(dtype), inv_temperature)
+    log_full = _log_softmax_at(full_teacher_logits.to(dtype), inv_temperature)
     target = log_partial + _scaled_residual(log_partial, log_full, lam, clip)
     return torch.log_softmax(target, dim=-1)
 
@@ -76,6 +76,16 @@ def _infinite_where(total: torch.Tensor, log_allowing: torch.Tensor, log_forbidd
     however far the allowing probability underflows; NaN rows stay NaN (docs/math.md)."""
     infinite = ((log_allowing > NEG_INF) & (log_forbidding == NEG_INF)).any(-1) & ~total.isnan()
     return torch.where(infinite, torch.full_like(total, math.inf), total)
+
+
+def _log_softmax_at(logits: torch.Tensor, inv_temperature) -> torch.Tensor:
+    """log_softmax(logits / T) with the row's max subtracted before the scaling: (x - max) / T is
+    rounded relative to x - max, where x / T would be rounded at its own ulp (2e-4 at |x / T| = 4000,
+    logits of 200 at T = 0.05), which lands in every log-probability. Rows that are all -inf (max
+    -inf) and rows with +inf or NaN stay NaN, as log_softmax makes them."""
+    row_max = logits.amax(-1, keepdim=True)
+    shift = torch.where(row_max == NEG_INF, torch.zeros_like(row_max), row_max)
+    return torch.log_softmax((logits - shift) * inv_temperature, dim=-1)
 
 
 def _exact_mean(weight: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -150,12 +160,13 @@ def compute_rows(
 
     vocab = student.shape[-1]
 
-    def load(x):
-        return x.reshape(-1, vocab).index_select(0, rows).to(dtype) * inv_temperature.index_select(0, rows)
+    def log_probs(x):
+        rows_of_x = x.reshape(-1, vocab).index_select(0, rows).to(dtype)
+        return _log_softmax_at(rows_of_x, inv_temperature.index_select(0, rows))
 
-    log_student = torch.log_softmax(load(student), dim=-1)
-    log_partial = torch.log_softmax(load(partial), dim=-1)
-    log_full = torch.log_softmax(load(full), dim=-1)
+    log_student = log_probs(student)
+    log_partial = log_probs(partial)
+    log_full = log_probs(full)
     log_target = torch.log_softmax(log_partial + _scaled_residual(log_partial, log_full, lam, clip), dim=-1)
     divergence, score = _divergence_and_score(log_student, log_target, beta)
 

@@ -123,6 +123,22 @@ def test_one_hot_student_keeps_the_gradient_rule_in_half_precision(backend, voca
                                    clip=9.3, beta=1.0, temperature=0.05, mask=None, weights=None), backend)
 
 
+@pytest.mark.parametrize("temperature", [0.05, 0.2])
+@pytest.mark.parametrize("beta", [1.0, 0.0])
+def test_large_logits_at_low_temperature_keep_the_gradient_rule(backend, beta, temperature):
+    """Logits of scale 50 at T = 0.05 or 0.2 (|s / T| up to 4000): multiplied by 1 / T before the row
+    max is subtracted, each logit is rounded at the ulp of s / T, 2e-4 at 4000, and that error lands
+    in every log-probability; (s - max) / T is rounded relative to s - max. Seeds 0, 12 and 68 are
+    among those that broke the gradient rule when the reference and native backends scaled first."""
+    for seed in (0, 12, 68):
+        generator = torch.Generator().manual_seed(seed)
+        student, partial, noise = (torch.randn(3, 257, generator=generator, dtype=torch.float64) * 50
+                                   for _ in range(3))
+        check_against_gold(Problem(student.float(), partial.float(), (partial + 0.5 * noise).float(), lam=1.0,
+                                   clip=math.inf, beta=beta, temperature=temperature, mask=None, weights=None),
+                           backend)
+
+
 # Rows whose exact answer is +inf although every probability that makes it so underflows in float32:
 # (what is zero, what allows it, beta). The infinity must come from the log-probabilities.
 UNDERFLOW_CASES = {

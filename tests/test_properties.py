@@ -11,10 +11,9 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
 
 from aropd_kernels import anchored_residual_kl
-from conftest import assert_grad_close, assert_loss_close, device_for, gold
+from conftest import assert_grad_close, assert_loss_close, device_for, fixed_and_random, gold
 from strategies import Problem, problems
 
 
@@ -75,12 +74,12 @@ def check_against_gold(problem, backend: str) -> None:
         assert not torch.isfinite(grad[infinite_rows].float()).all()
 
 
-@given(problem=problems())
+@fixed_and_random(problem=problems())
 def test_backend_matches_float64_gold(backend, problem):
     check_against_gold(problem, backend)
 
 
-@given(problem=problems(dtypes=(torch.float64,)))
+@fixed_and_random(problem=problems(dtypes=(torch.float64,)))
 def test_reference_in_float64_matches_gold(problem):
     check_against_gold(problem, "reference")
 

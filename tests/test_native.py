@@ -13,10 +13,10 @@ import os
 
 import pytest
 import torch
-from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aropd_kernels import anchored_residual_kl, native, reference
+from conftest import fixed_and_random
 from strategies import problems
 from test_properties import check_against_gold, confident_student_problem
 
@@ -61,7 +61,7 @@ def test_missing_kernel_gives_a_clear_error(monkeypatch):
 
 
 @built
-@given(problem=problems())
+@fixed_and_random(problem=problems())
 def test_property_suite_under_each_instruction_set(problem):
     check_against_gold(problem, "native")
 
@@ -72,16 +72,14 @@ def test_instruction_set_in_use_is_the_selected_one(instruction_set):
 
 
 @built
-@settings(max_examples=4)
-@given(problem=problems(max_rows=2, vocab_sizes=(262_208,)))
+@fixed_and_random(max_examples=2, problem=problems(max_rows=2, vocab_sizes=(262_208,)))
 def test_largest_vocabulary_matches_gold(problem):
     check_against_gold(problem, "native")
 
 
 @built
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@settings(max_examples=15)
-@given(data=st.data())
+@fixed_and_random(max_examples=8, data=st.data())
 def test_each_input_dtype_matches_gold(dtype, data):
     problem = data.draw(problems(dtypes=(dtype,)))
     check_against_gold(problem._replace(partial=problem.partial.to(dtype), full=problem.full.to(dtype)), "native")
@@ -103,8 +101,7 @@ def test_confident_student_keeps_the_gradient_rule_under_each_instruction_set(dt
     (torch.float16, torch.bfloat16, torch.float32),
     (torch.float32, torch.float16, torch.bfloat16),
 ], ids=lambda d: "-".join(str(x).removeprefix("torch.") for x in d))
-@settings(max_examples=10)
-@given(data=st.data())
+@fixed_and_random(max_examples=5, data=st.data())
 def test_mixed_dtypes_match_gold(dtypes, data):
     problem = data.draw(problems(dtypes=(torch.float32,)))
     student, partial, full = (t.to(d) for t, d in zip(problem[:3], dtypes))

@@ -102,18 +102,13 @@ def compile_one(spec: Specialization) -> Report:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    import torch
-
     from .kernels import anchored_residual_rows_kernel as kernel
-    from .launch import LaunchConfig, exact_divergence
+    from .launch import LaunchConfig
 
-    grad_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.student_dtype]
-    grad_dtype = grad_dtype if spec.write_grad else None  # the gradient has the student's dtype
     source = ASTSource(
         fn=kernel, signature=_signature(kernel, spec), attrs=_divisible_by_16(kernel),
         constexprs={"DIVERGENCE": DIVERGENCES[spec.divergence], "WITH_DIAGNOSTICS": spec.with_diagnostics,
-                    "WRITE_GRAD": spec.write_grad, "BLOCK_V": spec.block_v,
-                    "EXACT_DIVERGENCE": exact_divergence(DIVERGENCES[spec.divergence], grad_dtype)})
+                    "WRITE_GRAD": spec.write_grad, "BLOCK_V": spec.block_v})
     log = io.StringIO()
     try:
         with knobs.nvidia.scope(), knobs.compilation.scope(), contextlib.redirect_stdout(log):

@@ -65,13 +65,6 @@ def divergence_kind(beta: float) -> int:
     return JSD.value
 
 
-def exact_divergence(divergence: int, grad_dtype: torch.dtype | None) -> bool:
-    """The kernel's ``EXACT_DIVERGENCE``: reverse KL sums its divergence in float64 for a float32
-    gradient, whose confident tokens show float32 rounding of D (a half-precision one cannot hold
-    it). ``grad_dtype`` is None when no gradient is written."""
-    return divergence == REVERSE_KL.value and grad_dtype == torch.float32
-
-
 def compute_rows(
     student: torch.Tensor,
     partial: torch.Tensor,
@@ -113,7 +106,6 @@ def compute_rows(
             *(grad_out.stride()[:2] if write_grad else student.stride()[:2]),
             lam, clip * math.log2(math.e), beta,
             DIVERGENCE=divergence, WITH_DIAGNOSTICS=with_diagnostics, WRITE_GRAD=write_grad,
-            EXACT_DIVERGENCE=exact_divergence(divergence, grad_out.dtype if write_grad else None),
             BLOCK_V=config.block_v, **config.compile_options(),
         )
     return RowResult(row_loss, diagnostics)

@@ -198,6 +198,7 @@ class RowSettings(NamedTuple):
     row_temperature: torch.Tensor
     active: torch.Tensor
     row_scale: torch.Tensor
+    labels: torch.Tensor | None  # int64 [N]: each row's label, for its log-probabilities; or None
     lam: float
     clip: float
     beta: float
@@ -210,11 +211,13 @@ def row_step(student: torch.Tensor, partial: torch.Tensor, full: torch.Tensor, r
     """The loss (and, into ``grad_out``, the scaled student gradient) of one chunk's ``[r, V]`` logits
     blocks: the per-row contract of :mod:`aropd_kernels.backends` on a ``[1, r, V]`` view."""
     grad_scale = settings.row_scale[rows_slice] if grad_out is not None else None
+    labels = None if settings.labels is None else settings.labels[rows_slice]
     return backends.compute_rows(
         settings.backend, student.unsqueeze(0), partial.unsqueeze(0), full.unsqueeze(0),
         settings.row_temperature[rows_slice], settings.active[rows_slice], grad_scale,
         None if grad_out is None else grad_out.unsqueeze(0),
         lam=settings.lam, clip=settings.clip, beta=settings.beta, with_diagnostics=settings.with_diagnostics,
+        labels=labels,
     )
 
 
@@ -380,6 +383,7 @@ def fused_linear_op(
     row_temperature: torch.Tensor,
     active: torch.Tensor,
     row_scale: torch.Tensor,
+    labels: torch.Tensor | None,
     logit_scale: float,
     logit_softcap: float | None,
     chunk_rows: int,
@@ -397,7 +401,7 @@ def fused_linear_op(
     states. ``loss`` is ``sum(row_scale * D)`` when ``reduce`` else ``row_scale * D`` per row; each
     gradient is that of ``sum(row_scale * D)``, in :func:`ops.gradient_dtype` of its tensor, or an empty
     tensor when not asked for; so are the diagnostics."""
-    settings = RowSettings(row_temperature, active, row_scale, lam, clip, beta, with_diagnostics, backend)
+    settings = RowSettings(row_temperature, active, row_scale, labels, lam, clip, beta, with_diagnostics, backend)
     row_loss, diagnostics, *gradients = chunk_loop(
         student_hidden, student_weight, student_bias, partial_hidden, full_hidden, teacher_weight, teacher_bias,
         Projection(logit_scale, logit_softcap), chunk_rows, settings, (grad_hidden, grad_weight, grad_bias))
@@ -408,7 +412,7 @@ def fused_linear_op(
 
 @fused_linear_op.register_fake
 def _(student_hidden, student_weight, student_bias, partial_hidden, full_hidden, teacher_weight, teacher_bias,
-      row_temperature, active, row_scale, logit_scale, logit_softcap, chunk_rows, lam, clip, beta, reduce,
+      row_temperature, active, row_scale, labels, logit_scale, logit_softcap, chunk_rows, lam, clip, beta, reduce,
       grad_hidden, grad_weight, grad_bias, with_diagnostics, backend):
     n_rows = student_hidden.shape[0]
     compute = compute_dtype(student_hidden, student_weight, student_bias, partial_hidden, full_hidden,
@@ -425,13 +429,13 @@ def _(student_hidden, student_weight, student_bias, partial_hidden, full_hidden,
             gradient(grad_bias, student_bias))
 
 
-_N_OP_INPUTS = 22
+_N_OP_INPUTS = 23
 _STUDENT_INPUTS = (0, 1, 2)  # student_hidden, student_weight, student_bias: the inputs gradients go to
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.reduce = inputs[16]
-    ctx.computed = inputs[17:20]  # grad_hidden, grad_weight, grad_bias
+    ctx.reduce = inputs[17]
+    ctx.computed = inputs[18:21]  # grad_hidden, grad_weight, grad_bias
     ctx.dtypes = tuple(None if inputs[i] is None else inputs[i].dtype for i in _STUDENT_INPUTS)
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(*output[1:])
@@ -439,8 +443,8 @@ def _setup_context(ctx, inputs, output):
         ctx.save_for_backward(*output[2:])
         return
     # per-token losses: each row's incoming gradient enters the weight gradient, so backward reruns the loop
-    ctx.save_for_backward(*inputs[:10])
-    ctx.settings = inputs[10:16] + inputs[21:22]
+    ctx.save_for_backward(*inputs[:10])  # the labels are for the diagnostics only
+    ctx.settings = inputs[11:17] + inputs[22:23]
 
 
 def _backward(ctx, grad_loss, *_grad_outputs):
@@ -465,7 +469,7 @@ def _recomputed_gradients(ctx, grad_loss):
     wanted = [ctx.needs_input_grad[i] for i in _STUDENT_INPUTS]
     _, _, *stored = fused_linear_op(
         student_hidden, student_weight, student_bias, partial_hidden, full_hidden, teacher_weight, teacher_bias,
-        row_temperature, active & (scale != 0), scale, logit_scale, logit_softcap, chunk_rows, lam, clip, beta,
+        row_temperature, active & (scale != 0), scale, None, logit_scale, logit_softcap, chunk_rows, lam, clip, beta,
         True, wanted[0], wanted[1], wanted[2] and student_bias is not None, False, backend)
     return [gradient.to(dtype) if want else None for gradient, want, dtype in zip(stored, wanted, ctx.dtypes)]
 
@@ -518,7 +522,8 @@ def fused_linear_anchored_residual_kl(
     batch_shape = student_hidden.shape[:-1]
     device = student_hidden.device
     plan = rows.plan_rows(batch_shape, device, temperature=temperature, labels=labels, ignore_index=ignore_index,
-                          mask=mask, weights=weights, reduction=reduction, num_items_in_batch=num_items_in_batch)
+                          mask=mask, weights=weights, reduction=reduction, num_items_in_batch=num_items_in_batch,
+                          label_vocab=student_weight.shape[0] if return_diagnostics else None)
     logits_dtype = compute_dtype(student_hidden, student_weight, partial_teacher_hidden, full_teacher_hidden,
                                  teacher_weight, student_bias, teacher_bias)
     name = backends.resolve(backend, device, (logits_dtype,))
@@ -533,10 +538,11 @@ def fused_linear_anchored_residual_kl(
         student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, student_bias,
         partial_teacher_hidden.reshape(-1, partial_teacher_hidden.shape[-1]),
         full_teacher_hidden.reshape(-1, full_teacher_hidden.shape[-1]), teacher_weight, teacher_bias,
-        *plan[:3], float(logit_scale), None if logit_softcap is None else float(logit_softcap), max(chunk_size, 1),
+        *plan, float(logit_scale), None if logit_softcap is None else float(logit_softcap), max(chunk_size, 1),
         float(lam), float(clip), float(beta), reduce, *stored, return_diagnostics, name)
     loss, diagnostics = shaped_result(loss, diagnostics, batch_shape, reduce=reduce,
-                                      return_diagnostics=return_diagnostics, one_teacher=False, with_labels=False)
+                                      return_diagnostics=return_diagnostics, one_teacher=False,
+                                      with_labels=labels is not None)
     return loss if diagnostics is None else (loss, diagnostics)
 
 

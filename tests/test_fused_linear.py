@@ -16,8 +16,29 @@ from aropd_kernels import (
     fused_linear_anchored_residual_kl,
 )
 from aropd_kernels import fused_linear
-from conftest import assert_grad_close, assert_loss_close, device_for, gold
+from conftest import assert_grad_close, assert_loss_close, backends_under_test, device_for, gold, gold_token_logprobs
 from strategies import LinearProblem, linear_problems
+
+
+def row_kernel_supports(backend: str, *, one_teacher: bool = False, labels: bool = False) -> bool:
+    """Whether the backend's row kernel takes one teacher (``full=None``) and labels, asked on one row of
+    two logits: a kernel that does not implement them yet raises NotImplementedError."""
+    device = device_for(backend)
+    logits = torch.zeros(1, 1, 2, device=device)
+    try:
+        backends.compute_rows(backend, logits, logits, None if one_teacher else logits, torch.ones(1, device=device),
+                              torch.ones(1, dtype=torch.bool, device=device), None, None, lam=0.0, clip=1.0, beta=1.0,
+                              with_diagnostics=True,
+                              labels=torch.zeros(1, dtype=torch.int64, device=device) if labels else None)
+    except NotImplementedError:
+        return False
+    return True
+
+
+# the backends whose row kernels take labels (the drawn problems may have them), and one teacher too
+LABEL_BACKENDS = [b for b in backends_under_test() if row_kernel_supports(b, labels=True)]
+ONE_TEACHER_BACKENDS = [b for b in LABEL_BACKENDS if row_kernel_supports(b, one_teacher=True, labels=True)]
+
 
 # --- the gold --------------------------------------------------------------------------------------
 
@@ -84,6 +105,11 @@ class Expected:
                       temperature=_flat(temperature).to(dtype) if isinstance(temperature, torch.Tensor)
                       else temperature, dtype=dtype)
         self.loss, self.diagnostics = result.loss, result.diagnostics
+        self.token_logprobs = None
+        if "labels" in kwargs:
+            self.token_logprobs = gold_token_logprobs(
+                student.detach(), *teacher, _flat(kwargs["labels"]), lam=kwargs["lam"], clip=kwargs["clip"],
+                temperature=_flat(temperature).to(dtype) if isinstance(temperature, torch.Tensor) else temperature)
         self.row_scale = expected_row_scale(problem)
         grad_logits = result.grad.to(dtype) * self.row_scale.to(dtype).unsqueeze(-1)
         wanted = [leaf for leaf in leaves if leaf is not None]
@@ -137,6 +163,14 @@ def check_against_gold(problem: LinearProblem, backend: str) -> None:
     for name, actual, wanted in zip(diagnostics._fields, diagnostics, expected.diagnostics):
         assert actual.dtype == torch.float32
         assert_loss_close(_flat(actual), torch.where(active, wanted, 0.0), name)
+    token_fields = (diagnostics.student_token_logprob, diagnostics.target_token_logprob)
+    if expected.token_logprobs is None:
+        assert token_fields == (None, None)
+    else:
+        for name, actual, wanted in zip(("student_token_logprob", "target_token_logprob"), token_fields,
+                                        expected.token_logprobs):
+            assert actual.dtype == torch.float32 and actual.shape == problem.student_hidden.shape[:-1]
+            assert_loss_close(_flat(actual), torch.where(active, wanted, 0.0), name)
     scaled = expected.loss * expected.row_scale
     assert_loss_close(loss.reshape(-1), scaled if problem.kwargs["reduction"] == "none" else scaled.sum().reshape(1),
                       "loss")
@@ -154,6 +188,7 @@ def check_against_gold(problem: LinearProblem, backend: str) -> None:
     assert torch.all(hidden_grad[~active.to(hidden_grad.device)] == 0), "skipped rows: exact zero gradient"
 
 
+@pytest.mark.parametrize("backend", LABEL_BACKENDS)
 @given(problem=linear_problems())
 def test_backend_matches_float64_gold(backend, problem):
     check_against_gold(problem, backend)

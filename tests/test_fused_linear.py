@@ -586,6 +586,13 @@ def test_one_teacher_bad_input_raises_before_any_kernel(select, kwargs, error, f
     assert fragment in str(raised.value)
 
 
+def test_dtensor_weights_are_refused_with_the_local_fix():
+    inputs = _inputs()
+    with mock.patch.object(aropd_kernels.functional, "is_dtensor", lambda tensor: tensor is inputs[4]):
+        with pytest.raises(TypeError, match=r"teacher_weight is a DTensor; pass this rank's local tensors"):
+            fused_linear_anchored_residual_kl(*inputs)
+
+
 @pytest.mark.parametrize("build, kwargs, error, fragment", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
 def test_bad_input_raises_before_any_kernel(build, kwargs, error, fragment):
     inputs = build()

@@ -7,7 +7,12 @@ from .functional import (
     anchored_residual_kl,
     distillation_divergence,
 )
-from .fused_linear import FusedLinearAnchoredResidualKL, fused_linear_anchored_residual_kl
+from .fused_linear import (
+    FusedLinearAnchoredResidualKL,
+    FusedLinearDistillationDivergence,
+    fused_linear_anchored_residual_kl,
+    fused_linear_distillation_divergence,
+)
 from .ops import DoubleBackwardError
 from .reference import anchored_residual_target
 
@@ -17,9 +22,11 @@ __all__ = [
     "DistillationDivergence",
     "DoubleBackwardError",
     "FusedLinearAnchoredResidualKL",
+    "FusedLinearDistillationDivergence",
     "anchored_residual_kl",
     "anchored_residual_target",
     "distillation_divergence",
     "fused_linear_anchored_residual_kl",
+    "fused_linear_distillation_divergence",
 ]
 __version__ = "0.1.0"

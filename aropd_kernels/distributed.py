@@ -13,8 +13,10 @@ all-gather that checks the ranks agree. Every collective is an all-gather of O(N
 
 The gradient needs no communication: each rank writes its own columns.
 
-:func:`agree` and :func:`shard_rows` are the pieces another entry point (a fused-linear call whose
-lm_head is split along V) reuses: agree once per call, then run ``shard_rows`` on each chunk's logits.
+A fused-linear call whose lm_head weights are split along V (:func:`sharded_fused_linear`) agrees once,
+then runs :func:`shard_rows` on each chunk's logits: collectives 2 to 4 for each chunk that has an
+active row, each of O(chunk rows) numbers, and, when the hidden states' gradient is summed here, one
+all-reduce of the chunk's ``[rows, H]`` float32 gradient.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Mapping, NamedTuple
 import torch
 import torch.distributed as dist
 
-from . import functional, rows, shards
+from . import functional, fused_linear, rows, shards
 from .backends import RowResult
 
 STAGES = ("shard_normalizers", "shard_target_sums", "shard_mixture_sums", "shard_gradient")
@@ -41,6 +43,7 @@ RECORD_FIELDS = (
     "student_dtype", "teacher_dtype", "full_dtype",  # index in rows.LOGIT_DTYPES; -1: absent
     "lam", "clip", "beta", "reduction", "diagnostics",
     "temperature", "active", "row_scale", "labels",  # fingerprints of the per-row tensors
+    "logits_dtype", "logit_scale", "logit_softcap", "chunk_rows", "hidden_grad_reduced",  # fused linear only
 )
 ERROR_TYPES = (None, ValueError, TypeError, RuntimeError)  # RuntimeError: any other exception
 MESSAGE_BYTES = 1024  # a rank's error message, UTF-8, truncated
@@ -58,6 +61,12 @@ _AGREEMENT_FIXES = {
     "active": "every rank passes the same labels, ignore_index and mask",
     "row_scale": "every rank passes the same weights and num_items_in_batch",
     "labels": "every rank passes the same labels",
+    "logits_dtype": "every rank passes hidden states, weights and biases of the same dtypes",
+    "logit_scale": "every rank passes the same logit_scale",
+    "logit_softcap": "every rank passes the same logit_softcap",
+    "chunk_rows": "every rank passes the same chunk_size and backend (the chunks' collectives must pair up)",
+    "hidden_grad_reduced": "every rank passes the same reduce_hidden_grad, and student_hidden requires grad on all "
+                           "ranks or on none",
 }
 
 
@@ -147,13 +156,39 @@ def _dtype_code(tensor: torch.Tensor | None) -> float:
 def call_facts(call: functional.PreparedCall, reduction: str, labels) -> dict[str, torch.Tensor | float]:
     """The agreement record's fields for a validated call of the logits' entry points."""
     student, teacher, full = call.views
-    plan = call.plan
     lam, clip, beta, _ = call.settings
-    facts = {
-        "rows": float(plan.active.numel()), "teachers": 1.0 if full is None else 2.0,
+    return {
+        "teachers": 1.0 if full is None else 2.0,
         "student_dtype": _dtype_code(student), "teacher_dtype": _dtype_code(teacher), "full_dtype": _dtype_code(full),
-        "lam": lam, "clip": clip, "beta": beta, "reduction": float(rows.REDUCTIONS.index(reduction)),
-        "diagnostics": float(call.return_diagnostics),
+        **_shared_facts(call.plan, (lam, clip, beta), reduction, call.return_diagnostics, labels),
+    }
+
+
+def linear_call_facts(call, reduction: str, labels, reduce_hidden_grad: bool) -> dict[str, torch.Tensor | float]:
+    """The agreement record's fields for a validated fused-linear call (a ``fused_linear.LinearCall``);
+    the dtypes are those of the hidden states."""
+    student_hidden, _, _, teacher_hidden, full_hidden, _, _ = call.tensors
+    lam, clip, beta, _ = call.settings
+    logit_scale, logit_softcap = call.projection
+    hidden_grad = torch.is_grad_enabled() and student_hidden.requires_grad and reduce_hidden_grad
+    return {
+        "teachers": 1.0 if full_hidden is None else 2.0,
+        "student_dtype": _dtype_code(student_hidden), "teacher_dtype": _dtype_code(teacher_hidden),
+        "full_dtype": _dtype_code(full_hidden),
+        **_shared_facts(call.plan, (lam, clip, beta), reduction, call.return_diagnostics, labels),
+        "logits_dtype": float(rows.LOGIT_DTYPES.index(fused_linear.compute_dtype(*call.tensors))),
+        "logit_scale": logit_scale, "logit_softcap": 0.0 if logit_softcap is None else logit_softcap,
+        "chunk_rows": float(call.chunk_rows), "hidden_grad_reduced": float(hidden_grad),
+    }
+
+
+def _shared_facts(plan: rows.RowPlan, divergence: tuple[float, float, float], reduction: str, diagnostics: bool,
+                  labels) -> dict[str, torch.Tensor | float]:
+    """The fields every entry point fills: N, the divergence's settings and the per-row tensors' fingerprints."""
+    lam, clip, beta = divergence
+    facts = {
+        "rows": float(plan.active.numel()), "lam": lam, "clip": clip, "beta": beta,
+        "reduction": float(rows.REDUCTIONS.index(reduction)), "diagnostics": float(diagnostics),
         "temperature": fingerprint(plan.row_temperature), "active": fingerprint(plan.active),
         "row_scale": fingerprint(plan.row_scale),
     }
@@ -268,29 +303,79 @@ def sharded_divergence(tensors, names, process_group, **keywords):
     student_dtensor = tensors[0] if functional.is_dtensor(tensors[0]) else None
     if any(functional.is_dtensor(t) for t in tensors):
         tensors, process_group, keywords = _dtensor_locals(tensors, names, process_group, keywords)
-    _check_group(process_group)
-    call = facts = error = None
-    try:
+
+    def prepare():
         if student_dtensor is not None:  # the local shard is never a leaf: check the DTensor itself
             rows.check_inplace(student_dtensor, keywords["inplace_grad"],
                                torch.is_grad_enabled() and student_dtensor.requires_grad)
         _check_shard_sizes(tensors, names)
         call = functional.prepare_call(tensors, names, **keywords, whole_vocabulary=False)
         call = call._replace(backend=_shard_backend(keywords["backend"], call.backend))
-        facts = call_facts(call, keywords["reduction"], keywords["labels"])
-    except Exception as refusal:  # noqa: BLE001 -- every rank must hear of it; agree raises it
-        error = refusal
-    layout = agree(process_group, tensors[0].shape[-1] if call is not None else 0, facts, error)
+        return call, tensors[0].shape[-1], call_facts(call, keywords["reduction"], keywords["labels"])
+
+    call, layout = _agreed_call(process_group, prepare)
     if student_dtensor is not None:
         _check_dtensor_layout(layout, student_dtensor.shape[-1])
-    labels = keywords["labels"]
-    if call.return_diagnostics and labels is not None:  # the ranks' labels agree: this raises on all or none
-        token_labels = rows.row_labels(labels, call.plan.active, layout.vocab, call.plan.active.device)
-        call = call._replace(plan=call.plan._replace(token_labels=token_labels))
+    call = call._replace(plan=_whole_vocabulary_labels(call.plan, keywords["labels"], call.return_diagnostics, layout))
     loss, diagnostics = functional.run_call(call, functools.partial(shard_rows, layout))
     if student_dtensor is not None and call.inplace_grad and call.compute_grad:
         torch.autograd.graph.increment_version(student_dtensor)  # its shard's storage holds the gradient
     return loss, diagnostics
+
+
+@torch.compiler.disable  # collectives and host-side checks: a graph break, the call runs eagerly
+def sharded_fused_linear(student_hidden, student_weight, teacher_hiddens, teacher_weight, names, process_group,
+                         reduce_hidden_grad: bool, **keywords):
+    """``fused_linear._fused_linear`` for lm_head weights (and biases) split along the vocabulary across
+    ranks, hidden states replicated: (loss, Diagnostics or None).
+
+    Each chunk's rows run :func:`shard_rows` (two or three all-gathers of the chunk's rows); with
+    ``reduce_hidden_grad`` each chunk's float32 hidden-state gradient is all-reduced (summed) over the
+    group before it is rounded, else every rank keeps its own shard's part.
+    """
+
+    def prepare():
+        call = fused_linear.prepare_call(student_hidden, student_weight, teacher_hiddens, teacher_weight, names,
+                                         **keywords, whole_vocabulary=False)
+        call = call._replace(backend=_shard_backend(keywords["backend"], call.backend))
+        facts = linear_call_facts(call, keywords["reduction"], keywords["labels"], reduce_hidden_grad)
+        return call, student_weight.shape[0], facts
+
+    call, layout = _agreed_call(process_group, prepare)
+    call = call._replace(plan=_whole_vocabulary_labels(call.plan, keywords["labels"], call.return_diagnostics, layout))
+    reduce_hidden = sum_over(layout.group) if reduce_hidden_grad else None
+    return fused_linear.run_call(call, functools.partial(shard_rows, layout), reduce_hidden)
+
+
+def sum_over(group: dist.ProcessGroup):
+    """In-place sum of a tensor over ``group``: one all-reduce."""
+
+    def reduce(tensor: torch.Tensor) -> None:
+        dist.all_reduce(tensor, group=group)
+
+    return reduce
+
+
+def _agreed_call(process_group, prepare):
+    """Runs ``prepare()`` (returning the validated call, this rank's V_r and its agreement facts) and the
+    agreement: the call and the vocabulary's layout, or the same error on every rank."""
+    _check_group(process_group)
+    call = facts = error = None
+    vocab = 0
+    try:
+        call, vocab, facts = prepare()
+    except Exception as refusal:  # noqa: BLE001 -- every rank must hear of it; agree raises it
+        error = refusal
+    return call, agree(process_group, vocab, facts, error)
+
+
+def _whole_vocabulary_labels(plan: rows.RowPlan, labels, return_diagnostics: bool,
+                             layout: VocabularyShards) -> rows.RowPlan:
+    """The plan with the labels' rows when their log-probabilities are asked for, checked against the whole
+    vocabulary (the ranks' labels agree: this raises on all of them or on none)."""
+    if not return_diagnostics or labels is None:
+        return plan
+    return plan._replace(token_labels=rows.row_labels(labels, plan.active, layout.vocab, plan.active.device))
 
 
 def _check_shard_sizes(tensors, names) -> None:

@@ -1,12 +1,15 @@
-"""Fused linear: the AR-OPD loss from hidden states and lm_head weights, never the N×V logits.
+"""Fused linear: the distillation losses from hidden states and lm_head weights, never the N×V logits.
 
 :func:`fused_linear_anchored_residual_kl` takes the last hidden states of the student and of the
-teacher's two views, and the two lm_head weights. A chunk of rows at a time it computes the three
-logits blocks from them (matmuls into buffers reused across chunks), lets the row kernel of the chosen
-backend (:mod:`aropd_kernels.backends`) turn them into the rows' loss and the student logits' gradient,
-and multiplies that gradient straight into the gradients of the student's hidden states, weight and
-bias. Only per-row results and those gradients outlive a chunk. The chunk loop knows nothing of the
+teacher's two views, and the two lm_head weights; :func:`fused_linear_distillation_divergence` the
+same with one teacher view. A chunk of rows at a time they compute the logits blocks from them
+(matmuls into buffers reused across chunks), let the row kernel of the chosen backend
+(:mod:`aropd_kernels.backends`) turn them into the rows' loss and the student logits' gradient, and
+multiply that gradient straight into the gradients of the student's hidden states, weight and bias.
+Only per-row results and those gradients outlive a chunk. The chunk loop knows nothing of the
 divergence; the row kernels know nothing of matmuls. docs/fused_linear.md gives the memory formula.
+With a process group the weights are vocabulary shards: :mod:`aropd_kernels.distributed` supplies the
+row function of a shard and the sum of the hidden states' gradient over the ranks.
 
 Logits are computed in float32 (float64 for float64 inputs) from the hidden states and weights as
 given, whatever their dtype: a bfloat16 logit would carry a rounding error of 0.4 % of its size into
@@ -15,12 +18,14 @@ the loss. Weights are upcast a vocabulary slab at a time into one reused buffer.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+import math
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
 
-from . import backends, ops, rows
+from . import backends, functional, ops, rows
 from .backends import N_DIAGNOSTICS, RowResult
 from .functional import shaped_result
 
@@ -68,36 +73,46 @@ def _check_bias(name: str, bias, vocab: int) -> None:
         raise ValueError(f"{name} must have shape [V] = ({vocab},), got {tuple(bias.shape)}.")
 
 
-def check_inputs(student_hidden, student_weight, partial_hidden, full_hidden, teacher_weight, student_bias,
-                 teacher_bias) -> None:
-    """Types, shapes and devices of the tensors; teachers must not require grad."""
+ANCHORED_NAMES = ("student_hidden", "partial_teacher_hidden", "full_teacher_hidden")
+ONE_TEACHER_NAMES = ("student_hidden", "teacher_hidden")
+
+
+def check_inputs(student_hidden, student_weight, teacher_hiddens: tuple, teacher_weight, student_bias, teacher_bias,
+                 names: tuple[str, ...] = ANCHORED_NAMES) -> None:
+    """Types, shapes and devices of the tensors; teachers must not require grad. ``teacher_hiddens``: the
+    teacher's views (partial and full, or the one teacher), named by ``names[1:]``."""
+    named_hiddens = dict(zip(names[1:], teacher_hiddens))
+    for name, tensor in {"student_hidden": student_hidden, "student_weight": student_weight, **named_hiddens,
+                         "teacher_weight": teacher_weight}.items():
+        if functional.is_dtensor(tensor):
+            raise TypeError(f"{name} is a DTensor; pass this rank's local tensors (x.to_local()) with "
+                            "process_group= (docs/distributed.md).")
     _check_hidden("student_hidden", student_hidden, "student_weight", student_weight)
-    _check_hidden("partial_teacher_hidden", partial_hidden, "teacher_weight", teacher_weight)
-    _check_hidden("full_teacher_hidden", full_hidden, "teacher_weight", teacher_weight)
-    if full_hidden.shape != partial_hidden.shape:
-        raise ValueError(f"full_teacher_hidden has shape {tuple(full_hidden.shape)} but partial_teacher_hidden has "
-                         f"{tuple(partial_hidden.shape)}; both views must be aligned to the same completion tokens.")
+    for name, hidden in named_hiddens.items():
+        _check_hidden(name, hidden, "teacher_weight", teacher_weight)
+    if len(teacher_hiddens) == 2 and teacher_hiddens[1].shape != teacher_hiddens[0].shape:
+        raise ValueError(f"{names[2]} has shape {tuple(teacher_hiddens[1].shape)} but {names[1]} has "
+                         f"{tuple(teacher_hiddens[0].shape)}; both views must be aligned to the same completion tokens.")
     batch_shape = student_hidden.shape[:-1]
-    if partial_hidden.shape[:-1] != batch_shape:
+    if teacher_hiddens[0].shape[:-1] != batch_shape:
         raise ValueError(
-            f"the teacher hidden states have leading shape {tuple(partial_hidden.shape[:-1])} but student_hidden has "
-            f"{tuple(batch_shape)}; align the teacher's hidden states to the student's completion tokens "
+            f"the teacher hidden states have leading shape {tuple(teacher_hiddens[0].shape[:-1])} but student_hidden "
+            f"has {tuple(batch_shape)}; align the teacher's hidden states to the student's completion tokens "
             "(see docs/integration.md). Only the last dimension, H, may differ."
         )
     vocab = student_weight.shape[0]
     if teacher_weight.shape[0] != vocab:
         raise ValueError(f"teacher_weight has V = {teacher_weight.shape[0]} rows but student_weight has {vocab}; "
-                         "student and teacher must share the vocabulary.")
+                         "student and teacher must share the vocabulary (with process_group=, the same shard).")
     _check_bias("student_bias", student_bias, vocab)
     _check_bias("teacher_bias", teacher_bias, vocab)
-    named = {"student_weight": student_weight, "partial_teacher_hidden": partial_hidden,
-             "full_teacher_hidden": full_hidden, "teacher_weight": teacher_weight, "student_bias": student_bias,
-             "teacher_bias": teacher_bias}
+    named = {"student_weight": student_weight, **named_hiddens, "teacher_weight": teacher_weight,
+             "student_bias": student_bias, "teacher_bias": teacher_bias}
     for name, tensor in named.items():
         if tensor is not None and tensor.device != student_hidden.device:
             raise ValueError(f"{name} is on {tensor.device} but student_hidden is on {student_hidden.device}; "
                              "move it with .to().")
-    for name in ("partial_teacher_hidden", "full_teacher_hidden", "teacher_weight", "teacher_bias"):
+    for name in (*named_hiddens, "teacher_weight", "teacher_bias"):
         if named[name] is not None:
             rows.refuse_teacher_grad(name, named[name])
 
@@ -193,28 +208,37 @@ class WeightGradient:
 
 
 class RowSettings(NamedTuple):
-    """What the row step needs besides the logits: the plan's rows and the divergence's scalars."""
+    """What the row step needs besides the logits: the plan's rows, the divergence's scalars, and the
+    function that runs the per-row contract (None: :func:`aropd_kernels.backends.compute_rows`; a
+    vocabulary shard's rows, which communicate, under a process group)."""
 
     row_temperature: torch.Tensor
     active: torch.Tensor
     row_scale: torch.Tensor
+    labels: torch.Tensor | None  # int64 [N]: each row's label, for its log-probabilities; or None
     lam: float
     clip: float
     beta: float
     with_diagnostics: bool
     backend: str
+    compute_rows: Callable[..., RowResult] | None = None
 
 
-def row_step(student: torch.Tensor, partial: torch.Tensor, full: torch.Tensor, rows_slice: slice,
-             settings: RowSettings, grad_out: torch.Tensor | None) -> RowResult:
+def row_step(student: torch.Tensor, teachers: tuple[torch.Tensor, ...], rows_slice: slice, settings: RowSettings,
+             grad_out: torch.Tensor | None) -> RowResult:
     """The loss (and, into ``grad_out``, the scaled student gradient) of one chunk's ``[r, V]`` logits
-    blocks: the per-row contract of :mod:`aropd_kernels.backends` on a ``[1, r, V]`` view."""
+    blocks: the per-row contract of :mod:`aropd_kernels.backends` on a ``[1, r, V]`` view. ``teachers``:
+    the partial and full views' blocks, or the one teacher's."""
     grad_scale = settings.row_scale[rows_slice] if grad_out is not None else None
-    return backends.compute_rows(
-        settings.backend, student.unsqueeze(0), partial.unsqueeze(0), full.unsqueeze(0),
+    labels = None if settings.labels is None else settings.labels[rows_slice]
+    partial, full = teachers if len(teachers) == 2 else (teachers[0], None)
+    compute_rows = settings.compute_rows or backends.compute_rows
+    return compute_rows(
+        settings.backend, student.unsqueeze(0), partial.unsqueeze(0), None if full is None else full.unsqueeze(0),
         settings.row_temperature[rows_slice], settings.active[rows_slice], grad_scale,
         None if grad_out is None else grad_out.unsqueeze(0),
         lam=settings.lam, clip=settings.clip, beta=settings.beta, with_diagnostics=settings.with_diagnostics,
+        labels=labels,
     )
 
 
@@ -245,12 +269,14 @@ def teacher_logits(hiddens: tuple[torch.Tensor, ...], weight: SlabbedWeight, bia
 
 class StudentGradients:
     """Where a chunk's student-logits gradient goes: the hidden-state rows, and the weight and bias
-    accumulators; each is None when its tensor does not require grad."""
+    accumulators; each is None when its tensor does not require grad. ``reduce_hidden`` (or None) sums a
+    chunk's float32 hidden-state gradient in place over the ranks that hold the other vocabulary shards."""
 
     def __init__(self, hidden: torch.Tensor | None, weight: WeightGradient | None, bias: torch.Tensor | None,
-                 hidden_accumulator: torch.Tensor | None):
+                 hidden_accumulator: torch.Tensor | None, reduce_hidden: Callable[[torch.Tensor], None] | None):
         self.hidden, self.weight, self.bias = hidden, weight, bias
         self._hidden_accumulator = hidden_accumulator  # [chunk rows, H] in the compute dtype
+        self._reduce_hidden = reduce_hidden
 
     def add_chunk(self, grad: torch.Tensor, hidden: torch.Tensor, weight: SlabbedWeight, rows_slice: slice,
                   scale: float) -> None:
@@ -266,6 +292,8 @@ class StudentGradients:
             if self.weight is not None:
                 self.weight.part(index).addmm_(grad_slab.t(), hidden, alpha=scale)
         if accumulator is not None:
+            if self._reduce_hidden is not None:
+                self._reduce_hidden(accumulator)  # in the compute dtype: rounded once, after the sum
             self.hidden[rows_slice].copy_(accumulator)
         if self.bias is not None:
             self.bias.add_(grad.sum(0), alpha=scale)
@@ -280,16 +308,16 @@ def chunks_with_active_rows(active: torch.Tensor, chunk_rows: int) -> list[bool]
 class ChunkBuffers:
     """The buffers of one chunk, allocated once per call and reused by every chunk: the student's logits
     (which receive their gradient in place, unless the softcap's derivative needs them, then ``grad``),
-    the teacher's two blocks, and the hidden states upcast to the compute dtype."""
+    the teacher's blocks (one per view), and the hidden states upcast to the compute dtype."""
 
-    def __init__(self, rows: int, student_hidden: torch.Tensor, teacher_size: int, vocab: int,
+    def __init__(self, rows: int, student_hidden: torch.Tensor, teacher_views: int, teacher_size: int, vocab: int,
                  compute: torch.dtype, separate_grad: bool):
         def empty(*shape):
             return torch.empty(shape, dtype=compute, device=student_hidden.device)
 
         self.student_logits = empty(rows, vocab)
-        self.teacher_logits = empty(2 * rows, vocab)
-        self.teacher_hidden = empty(2 * rows, teacher_size)
+        self.teacher_logits = empty(teacher_views * rows, vocab)
+        self.teacher_hidden = empty(teacher_views * rows, teacher_size)
         self.student_hidden = empty(rows, student_hidden.shape[1]) if student_hidden.dtype != compute else None
         self.grad = empty(rows, vocab) if separate_grad else None
 
@@ -307,17 +335,17 @@ def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def chunk_loop(student_hidden, student_weight, student_bias, partial_hidden, full_hidden, teacher_weight,
-               teacher_bias, projection: Projection, chunk_rows: int, settings: RowSettings,
-               needs_grad: tuple[bool, bool, bool]):
+def chunk_loop(student_hidden, student_weight, student_bias, teacher_hiddens: tuple[torch.Tensor, ...],
+               teacher_weight, teacher_bias, projection: Projection, chunk_rows: int, settings: RowSettings,
+               needs_grad: tuple[bool, bool, bool], reduce_hidden: Callable[[torch.Tensor], None] | None = None):
     """(row losses [N], diagnostics [N_DIAGNOSTICS, N] or None, hidden, weight and bias gradients or None).
 
-    The hidden states are ``[N, H]``. Chunks without an active row are skipped: no matmul, loss 0,
-    gradient 0.
+    The hidden states are ``[N, H]``; ``teacher_hiddens`` are the teacher's views (two, or one). Chunks
+    without an active row are skipped: no matmul, loss 0, gradient 0.
     """
     n_rows, vocab = student_hidden.shape[0], student_weight.shape[0]
-    compute = compute_dtype(student_hidden, student_weight, student_bias, partial_hidden, full_hidden,
-                            teacher_weight, teacher_bias)
+    compute = compute_dtype(student_hidden, student_weight, student_bias, *teacher_hiddens, teacher_weight,
+                            teacher_bias)
     device = student_hidden.device
     row_loss = torch.zeros(n_rows, dtype=compute, device=device)
     diagnostics = (torch.zeros(N_DIAGNOSTICS, n_rows, dtype=torch.float32, device=device)
@@ -332,13 +360,14 @@ def chunk_loop(student_hidden, student_weight, student_bias, partial_hidden, ful
         bias=torch.zeros(vocab, dtype=compute, device=device) if needs_grad[2] else None,
         hidden_accumulator=(torch.empty(rows_per_chunk, student_hidden.shape[1], dtype=compute, device=device)
                             if needs_grad[0] else None),
+        reduce_hidden=reduce_hidden,
     )
     compute_grad = any(needs_grad)
     active_chunks = chunks_with_active_rows(settings.active, rows_per_chunk)
     buffers = None
     if any(active_chunks):
-        buffers = ChunkBuffers(rows_per_chunk, student_hidden, teacher_weight.shape[1], vocab, compute,
-                               separate_grad=compute_grad and projection.softcap is not None)
+        buffers = ChunkBuffers(rows_per_chunk, student_hidden, len(teacher_hiddens), teacher_weight.shape[1], vocab,
+                               compute, separate_grad=compute_grad and projection.softcap is not None)
     for index, start in enumerate(range(0, n_rows, rows_per_chunk)):
         if not active_chunks[index]:
             continue
@@ -347,12 +376,12 @@ def chunk_loop(student_hidden, student_weight, student_bias, partial_hidden, ful
         hidden = buffers.hidden(student_hidden[rows_slice])
         student = buffers.student_logits[:count]
         project(hidden, student_w, student_b, projection, student)
-        partial, full = teacher_logits((partial_hidden[rows_slice], full_hidden[rows_slice]), teacher_w, teacher_b,
-                                       projection, buffers.teacher_hidden, buffers.teacher_logits)
+        teachers = teacher_logits(tuple(h[rows_slice] for h in teacher_hiddens), teacher_w, teacher_b, projection,
+                                  buffers.teacher_hidden, buffers.teacher_logits)
         grad = None
         if compute_grad:
             grad = student if buffers.grad is None else buffers.grad[:count]
-        result = row_step(student, partial, full, rows_slice, settings, grad)
+        result = row_step(student, teachers, rows_slice, settings, grad)
         row_loss[rows_slice] = result.row_loss
         if diagnostics is not None:
             diagnostics[:, rows_slice] = result.diagnostics
@@ -368,18 +397,37 @@ def chunk_loop(student_hidden, student_weight, student_bias, partial_hidden, ful
 # --- under autograd ----------------------------------------------------------------------------------
 
 
+def fused_linear_outputs(student_hidden, student_weight, student_bias, teacher_hidden, full_hidden, teacher_weight,
+                         teacher_bias, row_temperature, active, row_scale, labels, logit_scale, logit_softcap,
+                         chunk_rows, lam, clip, beta, reduce, grad_hidden, grad_weight, grad_bias, with_diagnostics,
+                         backend, compute_rows=None, reduce_hidden=None):
+    """The computation of :func:`fused_linear_op` (its arguments, then the two hooks of a vocabulary shard:
+    the per-row contract's function and the hidden-state gradient's sum over ranks)."""
+    settings = RowSettings(row_temperature, active, row_scale, labels, lam, clip, beta, with_diagnostics, backend,
+                           compute_rows)
+    teacher_hiddens = (teacher_hidden,) if full_hidden is None else (teacher_hidden, full_hidden)
+    row_loss, diagnostics, *gradients = chunk_loop(
+        student_hidden, student_weight, student_bias, teacher_hiddens, teacher_weight, teacher_bias,
+        Projection(logit_scale, logit_softcap), chunk_rows, settings, (grad_hidden, grad_weight, grad_bias),
+        reduce_hidden)
+    return (ops.scaled_loss(row_loss, row_scale, reduce),
+            student_hidden.new_empty(0, dtype=torch.float32) if diagnostics is None else diagnostics,
+            *(student_hidden.new_empty(0) if gradient is None else gradient for gradient in gradients))
+
+
 @torch.library.custom_op("aropd::fused_linear_anchored_residual_kl", mutates_args=())
 def fused_linear_op(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
     student_bias: torch.Tensor | None,
-    partial_hidden: torch.Tensor,
-    full_hidden: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    full_hidden: torch.Tensor | None,
     teacher_weight: torch.Tensor,
     teacher_bias: torch.Tensor | None,
     row_temperature: torch.Tensor,
     active: torch.Tensor,
     row_scale: torch.Tensor,
+    labels: torch.Tensor | None,
     logit_scale: float,
     logit_softcap: float | None,
     chunk_rows: int,
@@ -394,24 +442,22 @@ def fused_linear_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (loss, diagnostics, hidden gradient, weight gradient, bias gradient) for ``[N, H]`` hidden
-    states. ``loss`` is ``sum(row_scale * D)`` when ``reduce`` else ``row_scale * D`` per row; each
-    gradient is that of ``sum(row_scale * D)``, in :func:`ops.gradient_dtype` of its tensor, or an empty
-    tensor when not asked for; so are the diagnostics."""
-    settings = RowSettings(row_temperature, active, row_scale, lam, clip, beta, with_diagnostics, backend)
-    row_loss, diagnostics, *gradients = chunk_loop(
-        student_hidden, student_weight, student_bias, partial_hidden, full_hidden, teacher_weight, teacher_bias,
-        Projection(logit_scale, logit_softcap), chunk_rows, settings, (grad_hidden, grad_weight, grad_bias))
-    return (ops.scaled_loss(row_loss, row_scale, reduce),
-            student_hidden.new_empty(0, dtype=torch.float32) if diagnostics is None else diagnostics,
-            *(student_hidden.new_empty(0) if gradient is None else gradient for gradient in gradients))
+    states. ``teacher_hidden`` is the partial view, or the one teacher when ``full_hidden`` is None.
+    ``loss`` is ``sum(row_scale * D)`` when ``reduce`` else ``row_scale * D`` per row; each gradient is
+    that of ``sum(row_scale * D)``, in :func:`ops.gradient_dtype` of its tensor, or an empty tensor when
+    not asked for; so are the diagnostics."""
+    return fused_linear_outputs(
+        student_hidden, student_weight, student_bias, teacher_hidden, full_hidden, teacher_weight, teacher_bias,
+        row_temperature, active, row_scale, labels, logit_scale, logit_softcap, chunk_rows, lam, clip, beta, reduce,
+        grad_hidden, grad_weight, grad_bias, with_diagnostics, backend)
 
 
 @fused_linear_op.register_fake
-def _(student_hidden, student_weight, student_bias, partial_hidden, full_hidden, teacher_weight, teacher_bias,
-      row_temperature, active, row_scale, logit_scale, logit_softcap, chunk_rows, lam, clip, beta, reduce,
+def _(student_hidden, student_weight, student_bias, teacher_hidden, full_hidden, teacher_weight, teacher_bias,
+      row_temperature, active, row_scale, labels, logit_scale, logit_softcap, chunk_rows, lam, clip, beta, reduce,
       grad_hidden, grad_weight, grad_bias, with_diagnostics, backend):
     n_rows = student_hidden.shape[0]
-    compute = compute_dtype(student_hidden, student_weight, student_bias, partial_hidden, full_hidden,
+    compute = compute_dtype(student_hidden, student_weight, student_bias, teacher_hidden, full_hidden,
                             teacher_weight, teacher_bias)
 
     def gradient(wanted, tensor):
@@ -425,22 +471,25 @@ def _(student_hidden, student_weight, student_bias, partial_hidden, full_hidden,
             gradient(grad_bias, student_bias))
 
 
-_N_OP_INPUTS = 22
+_N_OP_INPUTS = 23
 _STUDENT_INPUTS = (0, 1, 2)  # student_hidden, student_weight, student_bias: the inputs gradients go to
+_RECOMPUTE_TENSORS = slice(0, 10)  # the tensors up to row_scale (the labels serve the diagnostics only)
+_SETTINGS, _REDUCE, _WANTED, _BACKEND = slice(11, 17), 17, slice(18, 21), 22
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.reduce = inputs[16]
-    ctx.computed = inputs[17:20]  # grad_hidden, grad_weight, grad_bias
+    ctx.reduce = inputs[_REDUCE]
+    ctx.computed = inputs[_WANTED]  # grad_hidden, grad_weight, grad_bias
     ctx.dtypes = tuple(None if inputs[i] is None else inputs[i].dtype for i in _STUDENT_INPUTS)
     ctx.set_materialize_grads(False)
     ctx.mark_non_differentiable(*output[1:])
+    ctx.run = fused_linear_op  # what backward reruns; the eager twin runs its own
     if ctx.reduce:  # the gradients were computed in the forward pass; backward scales them
         ctx.save_for_backward(*output[2:])
         return
     # per-token losses: each row's incoming gradient enters the weight gradient, so backward reruns the loop
-    ctx.save_for_backward(*inputs[:10])
-    ctx.settings = inputs[10:16] + inputs[21:22]
+    ctx.save_for_backward(*inputs[_RECOMPUTE_TENSORS])
+    ctx.settings = (*inputs[_SETTINGS], inputs[_BACKEND])
 
 
 def _backward(ctx, grad_loss, *_grad_outputs):
@@ -458,14 +507,14 @@ def _recomputed_gradients(ctx, grad_loss):
     """The gradients of ``sum(grad_loss * row_scale * D)``: the loop again, the incoming gradient folded
     into each row's scale (rows whose scale is 0 are skipped)."""
     ops.refuse_double_backward()
-    (student_hidden, student_weight, student_bias, partial_hidden, full_hidden, teacher_weight, teacher_bias,
+    (student_hidden, student_weight, student_bias, teacher_hidden, full_hidden, teacher_weight, teacher_bias,
      row_temperature, active, row_scale) = ctx.saved_tensors
     logit_scale, logit_softcap, chunk_rows, lam, clip, beta, backend = ctx.settings
     scale = row_scale * grad_loss.to(torch.float32)
     wanted = [ctx.needs_input_grad[i] for i in _STUDENT_INPUTS]
-    _, _, *stored = fused_linear_op(
-        student_hidden, student_weight, student_bias, partial_hidden, full_hidden, teacher_weight, teacher_bias,
-        row_temperature, active & (scale != 0), scale, logit_scale, logit_softcap, chunk_rows, lam, clip, beta,
+    _, _, *stored = ctx.run(
+        student_hidden, student_weight, student_bias, teacher_hidden, full_hidden, teacher_weight, teacher_bias,
+        row_temperature, active & (scale != 0), scale, None, logit_scale, logit_softcap, chunk_rows, lam, clip, beta,
         True, wanted[0], wanted[1], wanted[2] and student_bias is not None, False, backend)
     return [gradient.to(dtype) if want else None for gradient, want, dtype in zip(stored, wanted, ctx.dtypes)]
 
@@ -473,7 +522,116 @@ def _recomputed_gradients(ctx, grad_loss):
 fused_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-# --- the public entry point -----------------------------------------------------------------------------
+class EagerFusedLinear(torch.autograd.Function):
+    """:func:`fused_linear_op` under a plain autograd.Function, eager only, for a vocabulary shard: its
+    rows function and hidden-state reduction communicate, which a ``torch.library`` op cannot take as
+    arguments. The same outputs and backward rules; ``apply`` takes the op's arguments, then
+    ``compute_rows`` and ``reduce_hidden`` (see :func:`fused_linear_outputs`)."""
+
+    @staticmethod
+    def forward(ctx, *arguments):
+        *inputs, compute_rows, reduce_hidden = arguments
+        run = functools.partial(fused_linear_outputs, compute_rows=compute_rows, reduce_hidden=reduce_hidden)
+        output = run(*inputs)
+        _setup_context(ctx, inputs, output)
+        ctx.run = run
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_loss, *grad_outputs):
+        return _backward(ctx, grad_loss) + (None, None)
+
+
+# --- the public entry points ----------------------------------------------------------------------------
+
+
+class LinearCall(NamedTuple):
+    """A validated call: the op's arguments in parts, and what shaping its results needs."""
+
+    tensors: tuple  # student hidden [N, H_s], weight, bias; teacher hidden [N, H_t], full [N, H_t] or None, weight, bias
+    plan: rows.RowPlan
+    projection: tuple[float, float | None]  # logit_scale, logit_softcap
+    chunk_rows: int
+    settings: tuple[float, float, float, bool]  # lam, clip, beta, reduce
+    stored_gradients: tuple[bool, bool, bool]  # hidden, weight, bias: computed in the forward pass
+    return_diagnostics: bool
+    backend: str  # resolved
+    batch_shape: torch.Size
+    with_labels: bool
+
+    def op_arguments(self) -> tuple:
+        lam, clip, beta, reduce = self.settings
+        return (*self.tensors, *self.plan, *self.projection, self.chunk_rows, lam, clip, beta, reduce,
+                *self.stored_gradients, self.return_diagnostics, self.backend)
+
+
+def prepare_call(student_hidden, student_weight, teacher_hiddens: tuple, teacher_weight, names, *, student_bias,
+                 teacher_bias, logit_scale, logit_softcap, chunk_size, lam, clip, beta, temperature, labels,
+                 ignore_index, mask, weights, reduction, num_items_in_batch, return_diagnostics, backend,
+                 whole_vocabulary: bool = True) -> LinearCall:
+    """Validates every argument (before any matmul or kernel) and plans the rows.
+
+    ``whole_vocabulary=False``: the weights are a vocabulary shard, whose labels are checked by the
+    caller once the whole vocabulary is known.
+    """
+    check_inputs(student_hidden, student_weight, teacher_hiddens, teacher_weight, student_bias, teacher_bias, names)
+    rows.check_settings(lam, clip, beta, reduction, backend, num_items_in_batch)
+    check_projection(logit_scale, logit_softcap, chunk_size)
+    batch_shape, vocab = student_hidden.shape[:-1], student_weight.shape[0]
+    device = student_hidden.device
+    label_vocab = vocab if return_diagnostics and whole_vocabulary else None
+    plan = rows.plan_rows(batch_shape, device, temperature=temperature, labels=labels, ignore_index=ignore_index,
+                          mask=mask, weights=weights, reduction=reduction, num_items_in_batch=num_items_in_batch,
+                          label_vocab=label_vocab)
+    logits_dtype = compute_dtype(student_hidden, student_weight, *teacher_hiddens, teacher_weight, student_bias,
+                                 teacher_bias)
+    name = backends.resolve(backend, device, (logits_dtype,))
+    if chunk_size is None:
+        chunk_size = batch_shape.numel() if name == "reference" else default_chunk_rows(student_hidden.shape[-1])
+    reduce = reduction != "none"
+    grad_enabled = torch.is_grad_enabled()
+    wants = [grad_enabled and t is not None and t.requires_grad for t in (student_hidden, student_weight, student_bias)]
+    flat = [h.reshape(-1, h.shape[-1]) for h in (student_hidden, *teacher_hiddens)]
+    tensors = (flat[0], student_weight, student_bias, flat[1], flat[2] if len(flat) == 3 else None, teacher_weight,
+               teacher_bias)
+    return LinearCall(
+        tensors, plan, (float(logit_scale), None if logit_softcap is None else float(logit_softcap)),
+        max(chunk_size, 1), (float(lam), float(clip), float(beta), reduce),
+        tuple(reduce and want for want in wants),  # per-token losses: gradients are computed in backward
+        return_diagnostics, name, batch_shape, labels is not None)
+
+
+def run_call(call: LinearCall, compute_rows=None, reduce_hidden=None):
+    """The loss and the diagnostics (a Diagnostics, or None) of a prepared call, shaped for the caller.
+
+    ``compute_rows`` and ``reduce_hidden`` are a vocabulary shard's hooks (:func:`fused_linear_outputs`);
+    that path runs eagerly.
+    """
+    if compute_rows is None and reduce_hidden is None:
+        loss, diagnostics, *_ = fused_linear_op(*call.op_arguments())
+    else:
+        loss, diagnostics, *_ = EagerFusedLinear.apply(*call.op_arguments(), compute_rows, reduce_hidden)
+    return shaped_result(loss, diagnostics, call.batch_shape, reduce=call.settings[3],
+                         return_diagnostics=call.return_diagnostics, one_teacher=call.tensors[4] is None,
+                         with_labels=call.with_labels)
+
+
+def _fused_linear(student_hidden, student_weight, teacher_hiddens, teacher_weight, names, *, process_group,
+                  reduce_hidden_grad, **keywords):
+    """Both entry points: validate, plan the rows, run the op, shape the results; an lm_head split along
+    the vocabulary across ranks goes to :mod:`aropd_kernels.distributed`."""
+    if not isinstance(reduce_hidden_grad, bool):
+        raise TypeError(f"reduce_hidden_grad must be a bool, got {type(reduce_hidden_grad).__name__}.")
+    if process_group is not None:
+        from . import distributed  # the only module that calls torch.distributed
+
+        loss, diagnostics = distributed.sharded_fused_linear(
+            student_hidden, student_weight, teacher_hiddens, teacher_weight, names, process_group,
+            reduce_hidden_grad, **keywords)
+    else:
+        loss, diagnostics = run_call(prepare_call(student_hidden, student_weight, teacher_hiddens, teacher_weight,
+                                                  names, **keywords))
+    return loss if diagnostics is None else (loss, diagnostics)
 
 
 def fused_linear_anchored_residual_kl(
@@ -500,6 +658,8 @@ def fused_linear_anchored_residual_kl(
     num_items_in_batch: int | torch.Tensor | None = None,
     return_diagnostics: bool = False,
     backend: str = "auto",
+    process_group=None,
+    reduce_hidden_grad: bool = True,
 ):
     """:func:`aropd_kernels.anchored_residual_kl` of the logits
     ``softcap · tanh(scale · (h Wᵀ + b) / softcap)`` (``scale · (h Wᵀ + b)`` without a softcap), computed
@@ -509,35 +669,56 @@ def fused_linear_anchored_residual_kl(
     The teacher's two views share ``teacher_weight`` and ``teacher_bias``; its hidden size may differ from
     the student's. Gradients go to ``student_hidden``, ``student_weight`` and ``student_bias``, whichever
     require grad. ``chunk_size`` is the number of rows per chunk (None: :func:`default_chunk_rows`).
+    ``process_group``: the weights and biases are this rank's contiguous vocabulary shard ``[V_r, H]``
+    (hidden states replicated); ``reduce_hidden_grad`` sums the hidden states' gradient over the group
+    (False: each rank keeps its shard's part, for a column-parallel layer that reduces it).
     Every other keyword is that of ``anchored_residual_kl``. See docs/fused_linear.md.
     """
-    check_inputs(student_hidden, student_weight, partial_teacher_hidden, full_teacher_hidden, teacher_weight,
-                 student_bias, teacher_bias)
-    rows.check_settings(lam, clip, beta, reduction, backend, num_items_in_batch)
-    check_projection(logit_scale, logit_softcap, chunk_size)
-    batch_shape = student_hidden.shape[:-1]
-    device = student_hidden.device
-    plan = rows.plan_rows(batch_shape, device, temperature=temperature, labels=labels, ignore_index=ignore_index,
-                          mask=mask, weights=weights, reduction=reduction, num_items_in_batch=num_items_in_batch)
-    logits_dtype = compute_dtype(student_hidden, student_weight, partial_teacher_hidden, full_teacher_hidden,
-                                 teacher_weight, student_bias, teacher_bias)
-    name = backends.resolve(backend, device, (logits_dtype,))
-    if chunk_size is None:
-        chunk_size = batch_shape.numel() if name == "reference" else default_chunk_rows(student_hidden.shape[-1])
+    return _fused_linear(
+        student_hidden, student_weight, (partial_teacher_hidden, full_teacher_hidden), teacher_weight, ANCHORED_NAMES,
+        student_bias=student_bias, teacher_bias=teacher_bias, logit_scale=logit_scale, logit_softcap=logit_softcap,
+        chunk_size=chunk_size, lam=lam, clip=clip, beta=beta, temperature=temperature, labels=labels,
+        ignore_index=ignore_index, mask=mask, weights=weights, reduction=reduction,
+        num_items_in_batch=num_items_in_batch, return_diagnostics=return_diagnostics, backend=backend,
+        process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
 
-    reduce = reduction != "none"
-    grad_enabled = torch.is_grad_enabled()
-    wants = [grad_enabled and t is not None and t.requires_grad for t in (student_hidden, student_weight, student_bias)]
-    stored = [reduce and want for want in wants]  # per-token losses: gradients are computed in backward
-    loss, diagnostics, *_ = fused_linear_op(
-        student_hidden.reshape(-1, student_hidden.shape[-1]), student_weight, student_bias,
-        partial_teacher_hidden.reshape(-1, partial_teacher_hidden.shape[-1]),
-        full_teacher_hidden.reshape(-1, full_teacher_hidden.shape[-1]), teacher_weight, teacher_bias,
-        *plan[:3], float(logit_scale), None if logit_softcap is None else float(logit_softcap), max(chunk_size, 1),
-        float(lam), float(clip), float(beta), reduce, *stored, return_diagnostics, name)
-    loss, diagnostics = shaped_result(loss, diagnostics, batch_shape, reduce=reduce,
-                                      return_diagnostics=return_diagnostics, one_teacher=False, with_labels=False)
-    return loss if diagnostics is None else (loss, diagnostics)
+
+def fused_linear_distillation_divergence(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    *,
+    student_bias: torch.Tensor | None = None,
+    teacher_bias: torch.Tensor | None = None,
+    logit_scale: float = 1.0,
+    logit_softcap: float | None = None,
+    chunk_size: int | None = None,
+    beta: float = 1.0,
+    temperature: float | torch.Tensor = 1.0,
+    labels: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    mask: torch.Tensor | None = None,
+    weights: torch.Tensor | None = None,
+    reduction: str = "batchmean",
+    num_items_in_batch: int | torch.Tensor | None = None,
+    return_diagnostics: bool = False,
+    backend: str = "auto",
+    process_group=None,
+    reduce_hidden_grad: bool = True,
+):
+    """:func:`aropd_kernels.distillation_divergence` (one teacher, ``q = softmax(teacher logits / T)``) of
+    the logits of the student's and the teacher's hidden states and lm_head weights, computed a chunk of
+    rows at a time as in :func:`fused_linear_anchored_residual_kl`: one teacher matmul and two logits
+    blocks per chunk. Every keyword is that function's, less ``lam`` and ``clip``.
+    """
+    return _fused_linear(
+        student_hidden, student_weight, (teacher_hidden,), teacher_weight, ONE_TEACHER_NAMES,
+        student_bias=student_bias, teacher_bias=teacher_bias, logit_scale=logit_scale, logit_softcap=logit_softcap,
+        chunk_size=chunk_size, lam=0.0, clip=math.inf, beta=beta, temperature=temperature, labels=labels,
+        ignore_index=ignore_index, mask=mask, weights=weights, reduction=reduction,
+        num_items_in_batch=num_items_in_batch, return_diagnostics=return_diagnostics, backend=backend,
+        process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
 
 
 class FusedLinearAnchoredResidualKL(nn.Module):
@@ -554,3 +735,11 @@ class FusedLinearAnchoredResidualKL(nn.Module):
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+
+
+class FusedLinearDistillationDivergence(FusedLinearAnchoredResidualKL):
+    """Module form of :func:`fused_linear_distillation_divergence`; the constructor takes its keyword arguments."""
+
+    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, **overrides):
+        return fused_linear_distillation_divergence(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                                                    **{**self.kwargs, **overrides})

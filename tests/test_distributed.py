@@ -36,8 +36,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing
 
-from aropd_kernels import DoubleBackwardError, anchored_residual_kl, distillation_divergence, distributed
+from aropd_kernels import (
+    DoubleBackwardError, anchored_residual_kl, distillation_divergence, distributed, fused_linear_anchored_residual_kl,
+    fused_linear_distillation_divergence,
+)
 from conftest import assert_grad_close, assert_loss_close, gold, gold_token_logprobs
+from strategies import LinearProblem
+from test_fused_linear import Expected, floor_units
 from test_shards import stage_backends
 
 VOCAB = 1001
@@ -489,6 +494,144 @@ def dtensor_shards_run_the_same_path(ctx: Rank):
     on_two_dims = distribute_tensor(student, wide, [Replicate(), Shard(-1)])
     refused_on_every_rank(ctx, ValueError, "2-D device mesh",
                           lambda: anchored_residual_kl(on_two_dims, on_two_dims, on_two_dims))
+
+
+# --- fused linear: lm_head weights split along the vocabulary -------------------------------------------
+
+
+def whole_linear_problem(seed: int, world_size: int, dtype: torch.dtype, batch_shape=(2, 3)) -> LinearProblem:
+    """Hidden states (replicated) and whole lm_head weights and biases, logits of size about 5, -inf padding
+    in both biases inside the last shard, labels on a shard boundary and ignored tokens."""
+    generator = torch.Generator().manual_seed(seed)
+    student_size, teacher_size = 12, 9
+
+    def normal(*shape, std=1.0):
+        return (torch.randn(shape, generator=generator, dtype=torch.float64) * std).to(dtype)
+
+    bounds = SHARD_BOUNDS[world_size]
+    biases = [normal(VOCAB), normal(VOCAB)]
+    for bias in biases:
+        bias[bounds[-2] + 3: bounds[-2] + 40] = -math.inf
+    labels = torch.randint(0, VOCAB, batch_shape, generator=generator)
+    labels[0, 1], labels[1, 0] = -100, bounds[1]
+    partial = normal(*batch_shape, teacher_size)
+    kwargs = dict(student_bias=biases[0], teacher_bias=biases[1], logit_scale=1.5, logit_softcap=20.0, chunk_size=4,
+                  lam=0.8, clip=2.0, beta=1.0, temperature=0.5 + torch.rand(batch_shape, generator=generator),
+                  labels=labels, mask=torch.rand(batch_shape, generator=generator) > 0.2,
+                  weights=torch.rand(batch_shape, generator=generator) * 2, reduction="sum")
+    return LinearProblem(normal(*batch_shape, student_size), normal(VOCAB, student_size, std=4 / math.sqrt(12)),
+                         partial, partial + normal(*batch_shape, teacher_size, std=0.5),
+                         normal(VOCAB, teacher_size, std=4 / math.sqrt(9)), kwargs, None)
+
+
+def sharded_linear_call(ctx: Rank, problem: LinearProblem, *, one_teacher: bool, group=None, **overrides):
+    """This rank's call on its vocabulary shard of the weights and biases: (per-token loss and diagnostics,
+    loss with the problem's reduction, the student leaves)."""
+    kwargs = {**problem.kwargs, **overrides}
+    if one_teacher:
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("lam", "clip")}
+    leaves = [problem.student_hidden.clone().requires_grad_(True),
+              problem.student_weight[ctx.columns].clone().requires_grad_(True),
+              kwargs["student_bias"][ctx.columns].clone().requires_grad_(True)]
+    kwargs.update(student_bias=leaves[2], teacher_bias=kwargs["teacher_bias"][ctx.columns],
+                  process_group=group or ctx.group)
+    views = (problem.partial_hidden,) if one_teacher else (problem.partial_hidden, problem.full_hidden)
+    loss_fn = fused_linear_distillation_divergence if one_teacher else fused_linear_anchored_residual_kl
+    teacher = (*views, problem.teacher_weight[ctx.columns])
+    per_token = loss_fn(*leaves[:2], *teacher, **{**kwargs, "reduction": "none", "return_diagnostics": True})
+    return per_token, loss_fn(*leaves[:2], *teacher, **kwargs), leaves
+
+
+@check
+def fused_linear_matches_the_gold_on_weight_shards(ctx: Rank):
+    """Per-token losses and diagnostics (the same bits on every rank) and the gradients: this rank's rows
+    of the weight and bias gradients, the hidden states' whole gradient (summed here, or by the caller)."""
+    for index, (one_teacher, beta, dtype, reduce_hidden) in enumerate(
+            ((False, 1.0, torch.float32, True), (True, 0.35, torch.bfloat16, False), (False, 0.0, torch.bfloat16, True))):
+        problem = whole_linear_problem(index, ctx.world_size, dtype)
+        problem = problem._replace(kwargs={**problem.kwargs, "beta": beta})
+        (per_token, diagnostics), loss, leaves = sharded_linear_call(ctx, problem, one_teacher=one_teacher,
+                                                                     reduce_hidden_grad=reduce_hidden)
+        grads = torch.autograd.grad(loss, leaves)
+        expected, plain = Expected(problem, torch.float64, one_teacher), Expected(problem, torch.float32, one_teacher)
+        active = flat(problem.kwargs["labels"]).ne(-100) & flat(problem.kwargs["mask"])
+        weights = flat(problem.kwargs["weights"]).double()
+        assert_loss_close(flat(per_token), torch.where(active, expected.loss * weights, 0.0), "per-token loss")
+        wanted = dict(zip(("belief_shift", "clipped_mass", "student_entropy", "target_entropy"), expected.diagnostics))
+        wanted.update(zip(("student_token_logprob", "target_token_logprob"), expected.token_logprobs))
+        for name, value in wanted.items():
+            actual = getattr(diagnostics, name)
+            if one_teacher and name in ("belief_shift", "clipped_mass"):
+                assert actual is None
+                continue
+            assert_loss_close(flat(actual), torch.where(active, value, 0.0), name)
+            assert_same_on_every_rank(ctx, actual)
+        assert_same_on_every_rank(ctx, per_token)
+        assert_same_on_every_rank(ctx, loss)
+        hidden_grad = grads[0].float().clone()
+        if not reduce_hidden:  # the caller's column-parallel layer sums the ranks' parts
+            dist.all_reduce(hidden_grad, group=ctx.group)
+        temperature = flat(problem.kwargs["temperature"]).double()
+        units = floor_units(problem, expected.row_scale, temperature, active)
+        for position, (actual, gold_grad, plain_grad) in enumerate(zip((hidden_grad, *grads[1:]), expected.grads,
+                                                                      plain.grads)):
+            if position > 0:  # weight and bias: this rank's vocabulary rows
+                gold_grad, plain_grad = gold_grad[ctx.columns], plain_grad[ctx.columns]
+            actual, gold_grad, plain_grad = (t.reshape(-1, t.shape[-1] if t.dim() > 1 else 1)
+                                             for t in (actual, gold_grad, plain_grad))
+            assert_grad_close(actual.double(), gold_grad, plain_grad.to(dtype), units[position])
+
+
+@check
+def fused_linear_collectives_per_chunk(ctx: Rank):
+    """One agreement, then for each chunk with an active row the two all-gathers of its rows and the
+    all-reduce of its hidden-state gradient; backward sends nothing (reduced losses), or reruns the chunks'
+    collectives (per-token losses)."""
+    problem = whole_linear_problem(3, ctx.world_size, torch.float32, batch_shape=(2, 5))
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[0, 4:] = mask[1, :3] = False  # chunks of 4 rows: [4 active], [none], [2 active]
+    record = 8 * len(distributed.RECORD_FIELDS) + distributed.MESSAGE_BYTES
+    chunk = [("all_gather_single", 3 * 2 * 4 * 4), ("all_gather_single", 8 * 13 * 4), ("all_reduce", 4 * 4 * 12)]
+    last = [("all_gather_single", 3 * 2 * 4 * 2), ("all_gather_single", 8 * 13 * 2), ("all_reduce", 4 * 2 * 12)]
+    kwargs = dict(mask=mask, labels=None, weights=None)
+    with counted_collectives() as calls:
+        _, loss, _ = sharded_linear_call(ctx, problem, one_teacher=False, **kwargs)
+    per_token_forward = [(name, size) for name, size in chunk + last if name != "all_reduce"]
+    assert calls == [("all_gather_single", record), *per_token_forward, ("all_gather_single", record), *chunk, *last]
+    with counted_collectives() as calls:
+        loss.backward()
+    assert calls == []
+    with counted_collectives() as calls:
+        (per_token, _), _, _ = sharded_linear_call(ctx, problem, one_teacher=False, **kwargs)
+        per_token.sum().backward()
+    assert calls[-6:] == chunk + last  # backward reran the chunks, hidden-state sums included
+
+
+@check
+def fused_linear_bad_input_on_any_rank_is_refused_on_every_rank(ctx: Rank):
+    problem = whole_linear_problem(5, ctx.world_size, torch.float32)
+    last = ctx.world_size - 1
+    group = ctx.quick_group
+    refused_on_every_rank(ctx, ValueError, "disagree on chunk_rows", lambda: sharded_linear_call(
+        ctx, problem, one_teacher=False, group=group, chunk_size=4 if ctx.rank == last else 2))
+    refused_on_every_rank(ctx, ValueError, "disagree on hidden_grad_reduced", lambda: sharded_linear_call(
+        ctx, problem, one_teacher=True, group=group, reduce_hidden_grad=ctx.rank != last))
+    refused_on_every_rank(ctx, ValueError, "disagree on teachers", lambda: sharded_linear_call(
+        ctx, problem, one_teacher=ctx.rank == 0, group=group))
+    narrower = problem.teacher_weight[:-1] if ctx.rank == last else problem.teacher_weight
+    refused_on_every_rank(ctx, ValueError, f"rank {last} .* refused its inputs: ValueError: teacher_weight has V",
+                          lambda: sharded_linear_call(ctx, problem._replace(teacher_weight=narrower),
+                                                      one_teacher=False, group=group))
+    refused_on_every_rank(ctx, TypeError, "process_group must be a torch.distributed.ProcessGroup",
+                          lambda: fused_linear_anchored_residual_kl(
+                              problem.student_hidden, problem.student_weight, problem.partial_hidden,
+                              problem.full_hidden, problem.teacher_weight, process_group="tp"))
+    # still in step: the loss equals the single-process call's on the whole weights
+    (_, _), loss, _ = sharded_linear_call(ctx, problem, one_teacher=False, group=group)
+    whole = {k: v for k, v in problem.kwargs.items()}
+    expected = fused_linear_anchored_residual_kl(problem.student_hidden, problem.student_weight, problem.partial_hidden,
+                                                 problem.full_hidden, problem.teacher_weight, **whole)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
 
 
 # --- in this process ------------------------------------------------------------------------------------

@@ -12,12 +12,33 @@ from hypothesis import given
 
 import aropd_kernels
 from aropd_kernels import (
-    DoubleBackwardError, FusedLinearAnchoredResidualKL, anchored_residual_kl, backends,
-    fused_linear_anchored_residual_kl,
+    DoubleBackwardError, FusedLinearAnchoredResidualKL, FusedLinearDistillationDivergence, anchored_residual_kl,
+    backends, distillation_divergence, fused_linear_anchored_residual_kl, fused_linear_distillation_divergence,
 )
 from aropd_kernels import fused_linear
-from conftest import assert_grad_close, assert_loss_close, device_for, gold
+from conftest import assert_grad_close, assert_loss_close, backends_under_test, device_for, gold, gold_token_logprobs
 from strategies import LinearProblem, linear_problems
+
+
+def row_kernel_supports(backend: str, *, one_teacher: bool = False, labels: bool = False) -> bool:
+    """Whether the backend's row kernel takes one teacher (``full=None``) and labels, asked on one row of
+    two logits: a kernel that does not implement them yet raises NotImplementedError."""
+    device = device_for(backend)
+    logits = torch.zeros(1, 1, 2, device=device)
+    try:
+        backends.compute_rows(backend, logits, logits, None if one_teacher else logits, torch.ones(1, device=device),
+                              torch.ones(1, dtype=torch.bool, device=device), None, None, lam=0.0, clip=1.0, beta=1.0,
+                              with_diagnostics=True,
+                              labels=torch.zeros(1, dtype=torch.int64, device=device) if labels else None)
+    except NotImplementedError:
+        return False
+    return True
+
+
+# the backends whose row kernels take labels (the drawn problems may have them), and one teacher too
+LABEL_BACKENDS = [b for b in backends_under_test() if row_kernel_supports(b, labels=True)]
+ONE_TEACHER_BACKENDS = [b for b in LABEL_BACKENDS if row_kernel_supports(b, one_teacher=True, labels=True)]
+
 
 # --- the gold --------------------------------------------------------------------------------------
 
@@ -65,10 +86,13 @@ def expected_row_scale(problem: LinearProblem) -> torch.Tensor:
 
 class Expected:
     """Per-row losses and diagnostics, and the gradients of sum(row_scale · D) w.r.t. the student's hidden
-    states, weight and bias, all computed in ``dtype`` (float64: the gold; float32: plain torch)."""
+    states, weight and bias, all computed in ``dtype`` (float64: the gold; float32: plain torch).
+    ``one_teacher``: the target is the partial view's softmax (lam = 0, no clip)."""
 
-    def __init__(self, problem: LinearProblem, dtype: torch.dtype):
+    def __init__(self, problem: LinearProblem, dtype: torch.dtype, one_teacher: bool = False):
         kwargs = problem.kwargs
+        if one_teacher:
+            kwargs = {**kwargs, "lam": 0.0, "clip": math.inf}
         projection = (kwargs["logit_scale"], kwargs["logit_softcap"])
         leaves = [t.detach().to(dtype).requires_grad_(True) if t is not None else None
                   for t in (problem.student_hidden, problem.student_weight, kwargs.get("student_bias"))]
@@ -79,11 +103,18 @@ class Expected:
                                      None if kwargs.get("teacher_bias") is None else kwargs["teacher_bias"].to(dtype),
                                      *projection), vocab)
                        for h in (problem.partial_hidden, problem.full_hidden)]
+        if one_teacher:
+            teacher[1] = teacher[0]
         temperature = kwargs["temperature"]
         result = gold(student, *teacher, lam=kwargs["lam"], clip=kwargs["clip"], beta=kwargs["beta"],
                       temperature=_flat(temperature).to(dtype) if isinstance(temperature, torch.Tensor)
                       else temperature, dtype=dtype)
         self.loss, self.diagnostics = result.loss, result.diagnostics
+        self.token_logprobs = None
+        if "labels" in kwargs:
+            self.token_logprobs = gold_token_logprobs(
+                student.detach(), teacher[0], None if one_teacher else teacher[1], _flat(kwargs["labels"]), lam=kwargs["lam"], clip=kwargs["clip"],
+                temperature=_flat(temperature).to(dtype) if isinstance(temperature, torch.Tensor) else temperature)
         self.row_scale = expected_row_scale(problem)
         grad_logits = result.grad.to(dtype) * self.row_scale.to(dtype).unsqueeze(-1)
         wanted = [leaf for leaf in leaves if leaf is not None]
@@ -112,31 +143,46 @@ def floor_units(problem: LinearProblem, row_scale, row_temperature, active) -> l
             row_units.sum().item()]
 
 
-def check_against_gold(problem: LinearProblem, backend: str) -> None:
+def check_against_gold(problem: LinearProblem, backend: str, one_teacher: bool = False) -> None:
+    """The anchored call, or with ``one_teacher`` the one-teacher call on the partial view, against the gold."""
     device = device_for(backend)
-    kwargs = {name: _to(value, device) for name, value in problem.kwargs.items()}
+    kwargs = {name: _to(value, device) for name, value in problem.kwargs.items()
+              if not (one_teacher and name in ("lam", "clip"))}
     student = [problem.student_hidden.to(device, copy=True).requires_grad_(True),
                problem.student_weight.to(device, copy=True).requires_grad_(True)]
     if kwargs.get("student_bias") is not None:
         kwargs["student_bias"] = kwargs["student_bias"].clone().requires_grad_(True)
         student.append(kwargs["student_bias"])
-    teacher = [t.to(device) for t in (problem.partial_hidden, problem.full_hidden, problem.teacher_weight)]
+    views = (problem.partial_hidden,) if one_teacher else (problem.partial_hidden, problem.full_hidden)
+    teacher = [t.to(device) for t in (*views, problem.teacher_weight)]
+    loss_fn = fused_linear_distillation_divergence if one_teacher else fused_linear_anchored_residual_kl
     slab_elements = problem.slab_elements or fused_linear.SLAB_ELEMENTS
     with mock.patch.object(fused_linear, "SLAB_ELEMENTS", slab_elements):
-        per_token, diagnostics = fused_linear_anchored_residual_kl(
+        per_token, diagnostics = loss_fn(
             student[0], student[1], *teacher, backend=backend, return_diagnostics=True,
             **{**without(kwargs, "num_items_in_batch"), "reduction": "none"})
-        loss = fused_linear_anchored_residual_kl(student[0], student[1], *teacher, backend=backend, **kwargs)
+        loss = loss_fn(student[0], student[1], *teacher, backend=backend, **kwargs)
         grads = torch.autograd.grad(loss.sum(), student)
 
-    expected = Expected(problem, torch.float64)
-    plain_float32 = Expected(problem, torch.float32)
+    expected = Expected(problem, torch.float64, one_teacher)
+    plain_float32 = Expected(problem, torch.float32, one_teacher)
     active = _active(problem)
     weights = _flat(problem.kwargs["weights"]).double() if "weights" in problem.kwargs else torch.ones(len(active))
     assert_loss_close(_flat(per_token), torch.where(active, expected.loss * weights, 0.0), "per-token loss")
     for name, actual, wanted in zip(diagnostics._fields, diagnostics, expected.diagnostics):
+        if one_teacher and name in ("belief_shift", "clipped_mass"):
+            assert actual is None, name
+            continue
         assert actual.dtype == torch.float32
         assert_loss_close(_flat(actual), torch.where(active, wanted, 0.0), name)
+    token_fields = (diagnostics.student_token_logprob, diagnostics.target_token_logprob)
+    if expected.token_logprobs is None:
+        assert token_fields == (None, None)
+    else:
+        for name, actual, wanted in zip(("student_token_logprob", "target_token_logprob"), token_fields,
+                                        expected.token_logprobs):
+            assert actual.dtype == torch.float32 and actual.shape == problem.student_hidden.shape[:-1]
+            assert_loss_close(_flat(actual), torch.where(active, wanted, 0.0), name)
     scaled = expected.loss * expected.row_scale
     assert_loss_close(loss.reshape(-1), scaled if problem.kwargs["reduction"] == "none" else scaled.sum().reshape(1),
                       "loss")
@@ -154,14 +200,22 @@ def check_against_gold(problem: LinearProblem, backend: str) -> None:
     assert torch.all(hidden_grad[~active.to(hidden_grad.device)] == 0), "skipped rows: exact zero gradient"
 
 
+@pytest.mark.parametrize("backend", LABEL_BACKENDS)
 @given(problem=linear_problems())
 def test_backend_matches_float64_gold(backend, problem):
     check_against_gold(problem, backend)
 
 
+@pytest.mark.parametrize("backend", ONE_TEACHER_BACKENDS)
+@given(problem=linear_problems())
+def test_one_teacher_matches_float64_gold(backend, problem):
+    check_against_gold(problem, backend, one_teacher=True)
+
+
+@pytest.mark.parametrize("one_teacher", [False, True], ids=["anchored", "one teacher"])
 @given(problem=linear_problems(dtypes=(torch.float64,)))
-def test_reference_in_float64_matches_gold(problem):
-    check_against_gold(problem, "reference")
+def test_reference_in_float64_matches_gold(problem, one_teacher):
+    check_against_gold(problem, "reference", one_teacher)
 
 
 # --- fixed problems ----------------------------------------------------------------------------------
@@ -191,7 +245,8 @@ def _call(leaves, inputs, **kwargs):
 
 def test_exported_from_the_package():
     assert aropd_kernels.fused_linear_anchored_residual_kl is fused_linear_anchored_residual_kl
-    assert "FusedLinearAnchoredResidualKL" in aropd_kernels.__all__
+    assert aropd_kernels.fused_linear_distillation_divergence is fused_linear_distillation_divergence
+    assert {"FusedLinearAnchoredResidualKL", "FusedLinearDistillationDivergence"} <= set(aropd_kernels.__all__)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 3, 7, 10, 64])
@@ -242,6 +297,38 @@ def test_module_stores_its_arguments():
     assert "logit_softcap=4.0" in repr(module)
     torch.testing.assert_close(module(*inputs), fused_linear_anchored_residual_kl(
         *inputs, lam=0.7, clip=2.0, logit_softcap=4.0, reduction="sum"))
+
+
+@pytest.mark.parametrize("backend", ONE_TEACHER_BACKENDS)
+def test_one_teacher_matches_the_unfused_call_and_reads_one_teacher_block(backend):
+    """One matmul of the teacher's [R, H_t] rows per weight slab, and the unfused one-teacher call's numbers."""
+    inputs = _inputs(teacher_size=12)
+    teacher_hidden, teacher_weight = inputs[2], inputs[4]
+    labels = torch.tensor([[3, -100, 40, 0, 7], [1, 2, -100, 5, 6]])
+    leaves = _student_leaves(inputs)
+    with mock.patch.object(fused_linear, "teacher_logits", wraps=fused_linear.teacher_logits) as teachers:
+        fused, diagnostics = fused_linear_distillation_divergence(
+            *leaves, teacher_hidden, teacher_weight, beta=0.3, labels=labels, chunk_size=4, return_diagnostics=True,
+            backend=backend)
+    assert teachers.call_count == 3 and all(len(call.args[0]) == 1 for call in teachers.call_args_list)
+    unfused_leaves = _student_leaves(inputs)
+    unfused, unfused_diagnostics = distillation_divergence(
+        unfused_leaves[0] @ unfused_leaves[1].t(), teacher_hidden @ teacher_weight.t(), beta=0.3, labels=labels,
+        return_diagnostics=True, backend=backend)
+    torch.testing.assert_close(fused, unfused)
+    for name in ("student_entropy", "target_entropy", "student_token_logprob", "target_token_logprob"):
+        torch.testing.assert_close(getattr(diagnostics, name), getattr(unfused_diagnostics, name))
+    assert diagnostics.belief_shift is None and diagnostics.clipped_mass is None
+    for actual, expected in zip(torch.autograd.grad(fused, leaves), torch.autograd.grad(unfused, unfused_leaves)):
+        torch.testing.assert_close(actual, expected)
+
+
+def test_one_teacher_module_stores_its_arguments():
+    inputs = _inputs()
+    module = FusedLinearDistillationDivergence(beta=0.0, logit_softcap=4.0, reduction="sum", backend="reference")
+    assert "beta=0.0" in repr(module)
+    torch.testing.assert_close(module(inputs[0], inputs[1], inputs[2], inputs[4]), fused_linear_distillation_divergence(
+        inputs[0], inputs[1], inputs[2], inputs[4], beta=0.0, logit_softcap=4.0, reduction="sum", backend="reference"))
 
 
 def test_default_chunk_rows_follow_the_hidden_size():
@@ -396,12 +483,18 @@ def test_float16_gradients_are_kept_in_float32_until_backward():
         torch.testing.assert_close(leaf.grad.float(), expected.grad.half().float(), rtol=2e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("reduction", ["batchmean", "none"])
-def test_compiles_without_graph_breaks_and_matches_eager(reduction):
+@pytest.mark.parametrize("reduction, one_teacher", [("batchmean", False), ("none", False), ("batchmean", True)])
+def test_compiles_without_graph_breaks_and_matches_eager(reduction, one_teacher):
     inputs = _inputs(batch=(2, 4))
     mask = torch.tensor([[True, False, True, True], [True, True, False, True]])
+    labels = torch.tensor([[3, 0, 40, 7], [-100, 2, 5, 6]])
 
     def step(hidden, weight):
+        if one_teacher:
+            loss, diagnostics = fused_linear_distillation_divergence(
+                hidden, weight, inputs[2], inputs[4], beta=0.5, mask=mask, labels=labels, logit_softcap=7.0,
+                chunk_size=3, reduction=reduction, return_diagnostics=True, backend="reference")
+            return loss.sum() * 1.5, diagnostics.target_token_logprob
         loss, diagnostics = fused_linear_anchored_residual_kl(
             hidden, weight, *inputs[2:], lam=0.8, clip=2.0, mask=mask, logit_softcap=7.0, chunk_size=3,
             reduction=reduction, return_diagnostics=True)
@@ -469,6 +562,35 @@ BAD_INPUTS = [
     ("inplace_grad", _inputs, {"inplace_grad": True}, TypeError, "inplace_grad"),
     ("float64 to native", lambda: [t.double() for t in _inputs()], {"backend": "native"}, ValueError, "float64"),
 ]
+
+
+ONE_TEACHER_BAD_INPUTS = [
+    ("teacher requires grad", lambda i: (i[0], i[1], i[2].requires_grad_(True), i[4]), {}, ValueError,
+     "teacher_hidden.detach()"),
+    ("teacher rows", lambda i: (i[0], i[1], i[2][:, :-1], i[4]), {}, ValueError, "align the teacher's hidden states"),
+    ("teacher H", lambda i: (i[0], i[1], i[2][..., :-1], i[4]), {}, ValueError, "the last dimension of teacher_hidden"),
+    ("lam", lambda i: (i[0], i[1], i[2], i[4]), {"lam": 0.5}, TypeError, "lam"),
+    ("reduce_hidden_grad", lambda i: (i[0], i[1], i[2], i[4]), {"reduce_hidden_grad": 1}, TypeError,
+     "reduce_hidden_grad must be a bool"),
+]
+
+
+@pytest.mark.parametrize("select, kwargs, error, fragment", [c[1:] for c in ONE_TEACHER_BAD_INPUTS],
+                         ids=[c[0] for c in ONE_TEACHER_BAD_INPUTS])
+def test_one_teacher_bad_input_raises_before_any_kernel(select, kwargs, error, fragment):
+    inputs = select(_inputs())
+    with mock.patch.object(backends, "compute_rows", side_effect=AssertionError("a kernel ran")), \
+            mock.patch.object(fused_linear, "chunk_loop", side_effect=AssertionError("a matmul ran")):
+        with pytest.raises(error) as raised:
+            fused_linear_distillation_divergence(*inputs, **kwargs)
+    assert fragment in str(raised.value)
+
+
+def test_dtensor_weights_are_refused_with_the_local_fix():
+    inputs = _inputs()
+    with mock.patch.object(aropd_kernels.functional, "is_dtensor", lambda tensor: tensor is inputs[4]):
+        with pytest.raises(TypeError, match=r"teacher_weight is a DTensor; pass this rank's local tensors"):
+            fused_linear_anchored_residual_kl(*inputs)
 
 
 @pytest.mark.parametrize("build, kwargs, error, fragment", [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])

@@ -58,6 +58,99 @@ struct Settings {
   float log_beta, log_one_minus_beta;  // JSD mixture weights, in log space
 };
 
+// +inf where flag is set, unless the value is NaN (NaN in an input is never hidden).
+double infinite_where(double flag, double value) { return flag > 0.0 && !std::isnan(value) ? INFINITY : value; }
+
+// The divergence, the diagnostics and the gradient's terms of a row from its sums over the whole
+// vocabulary: shards.finish_target, for the fused path whose sums never leave the row.
+struct FinishedTarget {
+  double divergence;  // NaN for JSD, whose divergence needs the mixture pass
+  double diagnostics[kNumDiagnostics];
+  Terms terms;
+};
+
+FinishedTarget finish_target(const TargetSums& sums, Divergence kind, bool one_teacher, bool label_inside) {
+  FinishedTarget finished{};
+  const double lse_target = sums.z_max + sums.z_log_sum;
+  const double target_mass = std::exp(sums.z_log_sum);
+  double mean_gap = sums.student_gap / sums.student_mass;
+  if (kind == Divergence::kReverseKL) {
+    mean_gap = infinite_where(sums.infinite_divergence, mean_gap);
+    finished.divergence = mean_gap + lse_target;
+  } else if (kind == Divergence::kForwardKL) {
+    finished.divergence =
+        infinite_where(sums.infinite_divergence, sums.weighted_target_gap / target_mass - lse_target);
+  } else {
+    finished.divergence = NAN;
+  }
+  if (!one_teacher) {
+    finished.diagnostics[0] = infinite_where(sums.infinite_shift, sums.belief_shift);
+    finished.diagnostics[1] = sums.clipped_mass;
+  }
+  finished.diagnostics[2] = -sums.student_log_student;
+  finished.diagnostics[3] = lse_target - sums.weighted_target_logit / target_mass;
+  if (label_inside) {
+    finished.diagnostics[4] = sums.student_token;
+    finished.diagnostics[5] = sums.target_token_logit - lse_target;
+  }
+  finished.terms = {lse_target, mean_gap, 0.0};
+  return finished;
+}
+
+// --- per-row inputs and outputs of the stages ([rows, N] arrays, row-major; see Problem) -------------
+
+// The row's label as a column of this call, or -1 when there is none or it lies outside [0, V).
+int64_t label_column(const Problem& problem, int64_t row) {
+  if (problem.labels == nullptr) return -1;
+  const int64_t label = problem.labels[row];
+  return label >= 0 && label < problem.vocab ? label : -1;
+}
+
+void store_row_result(const Problem& problem, int64_t row, const FinishedTarget& finished, bool with_diagnostics) {
+  problem.row_loss[row] = static_cast<float>(finished.divergence);
+  if (!with_diagnostics) return;
+  for (int k = 0; k < kNumDiagnostics; ++k) {
+    problem.diagnostics[k * problem.n_rows + row] = static_cast<float>(finished.diagnostics[k]);
+  }
+}
+
+void store_target_sums(const Problem& problem, int64_t row, const TargetSums& sums) {
+  for (int k = 0; k < kNumTargetSums; ++k) problem.target_sums[k * problem.n_rows + row] = sums.*kTargetSumRows[k].member;
+}
+
+Terms given_terms(const Problem& problem, int64_t row) {
+  Terms terms{};
+  for (int k = 0; k < kNumTerms; ++k) terms.*kTermRows[k].member = problem.terms[k * problem.n_rows + row];
+  return terms;
+}
+
+void store_mixture_sums(const Problem& problem, int64_t row, double target_to_mixture, double student_to_mixture) {
+  problem.mixture_sums[row] = target_to_mixture;
+  problem.mixture_sums[problem.n_rows + row] = student_to_mixture;
+}
+
+// Zeros in every per-row output of the problem's stage, for a skipped row (the gradient aside).
+void store_skipped_row(const Problem& problem, int64_t row) {
+  switch (problem.stage) {
+    case Stage::kFused:
+      store_row_result(problem, row, FinishedTarget{}, problem.with_diagnostics);
+      break;
+    case Stage::kNormalizers:
+      for (int k = 0; k < 2 * (problem.full.data == nullptr ? 2 : 3); ++k) {
+        problem.normalizers[k * problem.n_rows + row] = 0.0f;
+      }
+      break;
+    case Stage::kTargetSums:
+      store_target_sums(problem, row, TargetSums{});
+      break;
+    case Stage::kMixtureSums:
+      store_mixture_sums(problem, row, 0.0, 0.0);
+      break;
+    case Stage::kGradient:
+      break;
+  }
+}
+
 // Per-thread room for one row, kept between passes: the student's exps with one scale per block
 // (pass 1), from which its probabilities are formed, and the target logits z (pass 2; reverse KL
 // keeps ls - (z - m_b) instead, with the shift m_b of each block).

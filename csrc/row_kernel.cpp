@@ -1,15 +1,21 @@
 // Fused passes of SPEC §2 over one row at a time; OpenMP across rows.
 //
 // Reverse and forward KL take three sweeps over a row:
-//   1. normalizers: running max and sum of exp, per lane, for s/T, a/T and f/T together; the
-//      student's exps are kept, so that its probabilities cost no second exp;
+//   1. normalizers: running max and sum of exp((x - max) / T), per lane, for s, a and f together;
+//      the student's exps are kept, so that its probabilities cost no second exp;
 //   2. target: z = la + lam * clamp(lf - la, -c, c), its log-normalizer, the divergence and the
 //      diagnostics;
 //   3. gradient, written in the student's dtype.
 // JSD needs log q exactly inside log m, so its divergence sums take one sweep more (3) before the
-// gradient (4). Each sweep walks the row in blocks of kVectorsPerBlock vectors: the three inputs are
-// converted to float32 (already divided by T) into L1-resident buffers, and the math runs on vectors.
+// gradient (4). One teacher (full absent) is the same passes with kOneTeacher: they read two inputs,
+// z = la needs no normalizer of its own, and reverse KL without diagnostics sums D in sweep 1
+// (StudentTeacherGap), two sweeps in all. Each sweep walks the row in blocks of kVectorsPerBlock
+// vectors: the inputs are converted to float32 into L1-resident buffers, and the math runs on vectors.
 // Online softmax rescales once per block, so it costs one exp per element, not two.
+//
+// The same row function also runs the four stages of aropd_kernels/shards.py (Stage): each stage runs
+// the sweeps before its own over the shard's columns, takes the combined normalizers and terms of the
+// earlier stages in place of its own, and returns its sums where the fused path finishes them.
 //
 // The vector helpers (vector_math.inc) and the passes (row_passes.inc) are compiled once per
 // instruction set, each copy in its own namespace under `#pragma GCC target` and with vectors one
@@ -26,6 +32,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <utility>
 #include <vector>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
@@ -153,7 +160,8 @@ void store_skipped_row(const Problem& problem, int64_t row) {
 
 // Per-thread room for one row, kept between passes: the student's exps with one scale per block
 // (pass 1), from which its probabilities are formed, and the target logits z (pass 2; reverse KL
-// keeps ls - (z - m_b) instead, with the shift m_b of each block).
+// keeps ls - (z - m_b) instead, with the shift m_b of each block, and one teacher's reverse KL in
+// pass 1 the gap d of StudentTeacherGap, with its block shifts).
 struct RowBuffers {
   float* target;
   float* student_exps;

@@ -96,7 +96,13 @@ def test_shards_reproduce_the_whole_vocabulary(backend, problem, n_shards, one_t
     n_shards = min(n_shards, vocab)
     cuts = sorted(data.draw(st.lists(st.integers(1, vocab - 1), min_size=n_shards - 1, max_size=n_shards - 1,
                                      unique=True))) if n_shards > 1 else []
-    boundaries = [0, *cuts, vocab]
+    check_shards_against_gold(backend, problem, [0, *cuts, vocab], one_teacher)
+
+
+def check_shards_against_gold(backend, problem, boundaries, one_teacher):
+    """run_stages on the shards [boundaries[r], boundaries[r + 1]) of the problem's vocabulary (the
+    problem's partial logits as the one teacher when one_teacher) against the whole-vocabulary gold."""
+    vocab = problem.student.shape[-1]
     student, partial = _as_rows_view(problem.student.contiguous()), _as_rows_view(problem.partial.contiguous())
     full = None if one_teacher else _as_rows_view(problem.full.contiguous())
     n_rows = student.shape[1]

@@ -181,7 +181,7 @@ def shard_normalizers(student, partial, full, row_temperature, active) -> torch.
     """Per input, the raw logits' max and log sum exp((x - max) / T) over this shard: float32
     ``[n_inputs, 2, N]`` (see :mod:`aropd_kernels.shards`)."""
     rows = _Rows(student, partial, full, row_temperature, active)
-    normalizers = torch.zeros(rows.n_inputs, 2, rows.n_rows, dtype=torch.float32)
+    normalizers = torch.empty(rows.n_inputs, 2, rows.n_rows, dtype=torch.float32)
     rows.run("normalizers", normalizers=normalizers)
     return normalizers
 
@@ -191,7 +191,7 @@ def shard_target_sums(student, partial, full, row_temperature, active, normalize
     """The shard's sums of :mod:`aropd_kernels.shards` (rows named there), float64, given the combined
     normalizers; ``labels`` are shard-local."""
     rows = _Rows(student, partial, full, row_temperature, active)
-    target_sums = torch.zeros(len(rows.module.TARGET_SUM_ROWS), rows.n_rows, dtype=torch.float64)
+    target_sums = torch.empty(len(rows.module.TARGET_SUM_ROWS), rows.n_rows, dtype=torch.float64)
     rows.run("target_sums", labels=rows.labels(labels), with_diagnostics=with_diagnostics,
              normalizers=rows.normalizers(normalizers), target_sums=target_sums, lam=lam, clip=clip, beta=beta)
     return target_sums
@@ -203,7 +203,7 @@ def shard_mixture_sums(student, partial, full, row_temperature, active, normaliz
     if not 0.0 < beta < 1.0:
         raise ValueError(f"native backend: the mixture sums are JSD's (0 < beta < 1), got beta={beta}.")
     rows = _Rows(student, partial, full, row_temperature, active)
-    mixture_sums = torch.zeros(2, rows.n_rows, dtype=torch.float64)
+    mixture_sums = torch.empty(2, rows.n_rows, dtype=torch.float64)
     rows.run("mixture_sums", normalizers=rows.normalizers(normalizers), terms=rows.terms(terms),
              mixture_sums=mixture_sums, lam=lam, clip=clip, beta=beta)
     return mixture_sums

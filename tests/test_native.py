@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aropd_kernels import anchored_residual_kl, distillation_divergence, native, reference, shards
-from conftest import assert_loss_close, gold, gold_token_logprobs
+from conftest import assert_grad_close, assert_loss_close, gold, gold_token_logprobs
 from strategies import Problem, problems
 from test_one_teacher import check_one_teacher_against_gold
 from test_properties import check_against_gold, confident_student_problem
@@ -311,12 +311,26 @@ def test_one_teacher_property_suite_under_each_instruction_set(problem, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_one_teacher_confident_student_keeps_the_gradient_rule(dtype):
     """The teacher pushes the student's confident token far down (reverse KL of 15 to 115 nats): a
-    float32 gradient takes the target pass (ExactStudentSums), a bfloat16 one StudentTeacherGap."""
+    float32 gradient takes the target pass (ExactStudentSums), a bfloat16 one StudentTeacherGap; with
+    diagnostics both take the target pass, and so does the gradient of the shard stages."""
     for vocab in (3, 7, 64, 1000):
         for seed in range(12):
             problem = confident_student_problem(vocab, dtype, seed)
             problem = problem._replace(partial=problem.full)
             check_one_teacher_against_gold(problem, _all_labels(problem, seed), "native")
+            _check_one_teacher_gradient_with_diagnostics(problem)
+            check_shards_against_gold("native", problem, [0, vocab // 2, vocab] if vocab > 3 else [0, vocab], True)
+
+
+def _check_one_teacher_gradient_with_diagnostics(problem):
+    student = problem.student.detach().clone().requires_grad_(True)
+    loss, _ = distillation_divergence(student, problem.partial, temperature=problem.temperature, reduction="sum",
+                                      return_diagnostics=True, backend="native")
+    loss.backward()
+    flat = dict(student=problem.student.detach(), partial=problem.partial, full=problem.partial, lam=0.0, clip=math.inf,
+                beta=1.0, temperature=problem.temperature)
+    baseline = gold(**flat, dtype=torch.float32).grad.to(problem.student.dtype)
+    assert_grad_close(student.grad, gold(**flat).grad, baseline, 1.0 / problem.temperature)
 
 
 def _ramp(rows, vocab, height, generator, dtype):

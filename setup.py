@@ -94,14 +94,17 @@ setup(
     cmdclass=cmdclass,
     # Lower bounds are the versions CI tests: .ci/run runs the suite a second time with every bound
     # below pinned (.ci/lower-bounds.txt); the first run takes the newest releases.
+    # No triton here: torch's CUDA wheels pin their own (torch 2.13.0: triton==3.7.1, the test extra's floor)
+    # and a requirement of ours could only conflict with it or replace it; CPU-only torch needs none.
     install_requires=[
         "torch>=2.13",  # custom_op, register_autograd, torch.compile of the op
         "numpy>=1.24.4",
-        "triton>=3.9; platform_system == 'Linux'",  # kernels, interpreter, AOT compile with GPUTarget
     ],
     extras_require={
-        "test": ["pytest>=8.0", "hypothesis>=6.100"],
+        # triton for the interpreter tests and the compile report where torch brings none (CPU-only Linux)
+        "test": ["pytest>=8.0", "hypothesis>=6.100", "triton>=3.7.1; platform_system == 'Linux'"],
         "bench": ["matplotlib>=3.7", "tqdm>=4.60"],
         "examples": ["transformers>=4.57.6", "accelerate>=1.15"],  # Trainer needs accelerate
+        "trl": ["trl>=1.16"],  # tests/test_trl.py and python/trl_gkd_dropin.py compare with TRL's own GKD loss
     },
 )

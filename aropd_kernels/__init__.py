@@ -7,6 +7,7 @@ from .functional import (
     anchored_residual_kl,
     distillation_divergence,
 )
+from .fused_linear import FusedLinearAnchoredResidualKL, fused_linear_anchored_residual_kl
 from .ops import DoubleBackwardError
 from .reference import anchored_residual_target
 
@@ -15,8 +16,10 @@ __all__ = [
     "Diagnostics",
     "DistillationDivergence",
     "DoubleBackwardError",
+    "FusedLinearAnchoredResidualKL",
     "anchored_residual_kl",
     "anchored_residual_target",
     "distillation_divergence",
+    "fused_linear_anchored_residual_kl",
 ]
 __version__ = "0.1.0"

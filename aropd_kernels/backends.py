@@ -71,7 +71,8 @@ def triton_unavailable_reason() -> str | None:
     try:
         importlib.import_module("aropd_kernels.triton")
     except ImportError as error:
-        return f"aropd_kernels.triton cannot be imported ({error}); install triton >= 3.9 on Linux"
+        return (f"aropd_kernels.triton cannot be imported ({error}); install triton >= 3.7.1 on Linux "
+                "(torch's CUDA wheels bring it)")
     return None
 
 

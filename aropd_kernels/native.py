@@ -51,7 +51,7 @@ def instruction_sets() -> list[str]:
 
 
 def _select_instruction_set(name: str) -> None:
-    """Test hook: run the kernel's copy for ``name`` (one of :func:`instruction_sets`) from now on."""
+    """Test and benchmark hook: run the kernel's copy for ``name`` (one of :func:`instruction_sets`) from now on."""
     if not _module().select_instruction_set(name):
         raise ValueError(f"this CPU cannot run instruction set {name!r}; it can run {instruction_sets()}.")
 
@@ -69,22 +69,22 @@ def _dtype_code(tensor: torch.Tensor, name: str) -> int:
     return codes[tensor.dtype]
 
 
-def _view(tensor: torch.Tensor | None, name: str, n_rows: int, vocab: int) -> tuple[int, int, int, int, int]:
-    """(address, dtype code, T, batch stride, sequence stride) of a [B, T, V] CPU view; zeros for None.
+def _view(tensor: torch.Tensor | None, name: str, shape: torch.Size) -> tuple[int, int, int, int]:
+    """(address, dtype code, batch stride, sequence stride) of a [B, T, V] CPU view; zeros for None.
 
-    The three inputs share N = B * T and V but not necessarily B and T: functional.py views each
-    tensor as rows on its own, so a contiguous tensor and a sliced one may split N differently.
+    Every view of one call has the student's shape ``[B, T, V]`` (the contract of backends.py); only
+    the strides of B and T may differ between them.
     """
     if tensor is None:
-        return (0, 0, 1, 0, 0)
+        return (0, 0, 0, 0)
     if tensor.device.type != "cpu":
         raise ValueError(f"native backend: {name} must be a CPU tensor, got {tensor.device}.")
-    if tensor.dim() != 3 or tensor.shape[0] * tensor.shape[1] != n_rows or tensor.shape[2] != vocab:
-        raise ValueError(f"native backend: {name} must be a [B, T, V] view with B * T = {n_rows} and V = {vocab}, "
+    if tensor.shape != shape:
+        raise ValueError(f"native backend: {name} must be a [B, T, V] view of the student's shape {tuple(shape)}, "
                          f"got {tuple(tensor.shape)}.")
-    if vocab > 1 and tensor.stride(-1) != 1:
+    if shape[2] > 1 and tensor.stride(-1) != 1:
         raise ValueError(f"native backend: {name} needs unit stride in V; pass .contiguous().")
-    return (tensor.data_ptr(), _dtype_code(tensor, name), max(tensor.shape[1], 1), tensor.stride(0), tensor.stride(1))
+    return (tensor.data_ptr(), _dtype_code(tensor, name), tensor.stride(0), tensor.stride(1))
 
 
 def _per_row(tensor: torch.Tensor, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -105,10 +105,11 @@ class _Rows:
         self.module = _module()
         if student.dim() != 3:
             raise ValueError(f"native backend: student must be a [B, T, V] view, got shape {tuple(student.shape)}.")
-        self.n_rows, self.vocab = student.shape[0] * student.shape[1], student.shape[2]
+        n_batch, self.seq, self.vocab = student.shape
+        self.n_rows = n_batch * self.seq
         self.student = student
         self.n_inputs = 2 if full is None else 3
-        self.views = [_view(t, name, self.n_rows, self.vocab)
+        self.views = [_view(t, name, student.shape)
                       for t, name in ((student, "student"), (partial, "partial"), (full, "full"))]
         self.temperature = _per_row(row_temperature, "row_temperature", torch.float32, (self.n_rows,))
         self.active = _per_row(active, "active", torch.bool, (self.n_rows,))
@@ -131,7 +132,7 @@ class _Rows:
         if grad_out.dtype not in (self.student.dtype, torch.float32):
             raise TypeError(f"native backend: grad_out must be float32 or the student's dtype {self.student.dtype}, "
                             f"got {grad_out.dtype}.")
-        _view(grad_out, "grad_out", self.n_rows, self.vocab)
+        _view(grad_out, "grad_out", self.student.shape)
         return _per_row(grad_scale, "grad_scale", torch.float32, (self.n_rows,))
 
     def run(self, stage: str, *, grad_scale=None, grad_out=None, labels=None, with_diagnostics=False, row_loss=None,
@@ -140,8 +141,8 @@ class _Rows:
         if self.n_rows == 0:
             return
         self.module.run_rows(
-            self.module.STAGES[stage], *self.views, _view(grad_out, "grad_out", self.n_rows, self.vocab),
-            self.n_rows, self.vocab, self.temperature.data_ptr(), self.active.data_ptr(), _address(grad_scale),
+            self.module.STAGES[stage], *self.views, _view(grad_out, "grad_out", self.student.shape),
+            self.n_rows, self.seq, self.vocab, self.temperature.data_ptr(), self.active.data_ptr(), _address(grad_scale),
             _address(labels), with_diagnostics, _address(row_loss), _address(diagnostics), _address(normalizers),
             _address(target_sums), _address(terms), _address(mixture_sums), float(lam), float(clip), float(beta),
             torch.get_num_threads())

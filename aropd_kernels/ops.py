@@ -8,8 +8,9 @@ untouched, so no second N×V buffer is made. Any other incoming gradient is appl
 rounded once to the student's dtype.
 
 ``torch.ops.aropd.anchored_residual_kl`` (no mutation; a fake implementation lets ``torch.compile``
-trace it) returns a new gradient buffer. :class:`InplaceAnchoredResidualKL` (eager only) writes the
-gradient into the student's own storage instead.
+trace it) returns a new gradient buffer. :class:`EagerAnchoredResidualKL` (eager only) is the same
+computation for what the op cannot declare: writing the gradient into the student's own storage
+(``inplace_grad``), and rows whose vocabulary is split across ranks (its rows function communicates).
 """
 
 from __future__ import annotations
@@ -38,17 +39,25 @@ def gradient_dtype(student_dtype: torch.dtype) -> torch.dtype:
 
 
 def _run(student, partial, full, row_temperature, active, row_scale, labels, lam, clip, beta, reduce,
-         with_diagnostics, backend, grad_out):
-    """(loss, diagnostics) of the backend's passes; the scaled gradient goes to ``grad_out`` when given."""
-    result = backends.compute_rows(
+         with_diagnostics, backend, grad_out, compute_rows=backends.compute_rows):
+    """(loss, diagnostics) of the backend's passes; the scaled gradient goes to ``grad_out`` when given.
+
+    ``compute_rows`` has the signature of :func:`aropd_kernels.backends.compute_rows` (the backend's
+    name first): that function for a single process, a vocabulary-parallel one for a shard.
+    """
+    result = compute_rows(
         backend, student, partial, full, row_temperature, active,
         row_scale if grad_out is not None else None, grad_out,
         lam=lam, clip=clip, beta=beta, with_diagnostics=with_diagnostics, labels=labels,
     )
-    scaled = result.row_loss * row_scale.to(result.row_loss.dtype)
-    loss = scaled.sum() if reduce else scaled
     diagnostics = result.diagnostics if with_diagnostics else student.new_empty(0, dtype=torch.float32)
-    return loss, diagnostics
+    return scaled_loss(result.row_loss, row_scale, reduce), diagnostics
+
+
+def scaled_loss(row_loss: torch.Tensor, row_scale: torch.Tensor, reduce: bool) -> torch.Tensor:
+    """``sum(row_scale * D)``, or ``row_scale * D`` per row when not ``reduce``."""
+    scaled = row_loss * row_scale.to(row_loss.dtype)
+    return scaled.sum() if reduce else scaled
 
 
 @torch.library.custom_op("aropd::anchored_residual_kl", mutates_args=())
@@ -120,17 +129,22 @@ def incoming_gradient_applied(gradient: torch.Tensor, grad_loss: torch.Tensor, r
     freed after this backward; with ``retain_graph=True`` a later backward needs it intact, so a new
     tensor is returned then.
     """
-    if torch.is_grad_enabled():
-        raise DoubleBackwardError(
-            "aropd_kernels does not support double backward (create_graph=True): the gradient is "
-            "precomputed in the forward pass. Call backward without create_graph."
-        )
+    refuse_double_backward()
     if reduce:
         if (not torch.compiler.is_compiling() and gradient.dtype == dtype and not _graph_is_kept()
                 and bool(grad_loss == 1)):
             return gradient
         return scale_gradient(gradient, grad_loss.reshape(()), dtype)
     return scale_gradient(gradient, grad_loss.reshape(gradient.shape[:-1]), dtype)
+
+
+def refuse_double_backward() -> None:
+    """Raised from inside a backward that was asked to build a graph (``create_graph=True``)."""
+    if torch.is_grad_enabled():
+        raise DoubleBackwardError(
+            "aropd_kernels does not support double backward (create_graph=True): the gradient is "
+            "precomputed in the forward pass. Call backward without create_graph."
+        )
 
 
 def _graph_is_kept() -> bool:
@@ -159,22 +173,30 @@ def _backward(ctx, grad_loss, _grad_diagnostics, _grad_grad):
 anchored_residual_kl_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class InplaceAnchoredResidualKL(torch.autograd.Function):
-    """The op with ``inplace_grad=True``: the gradient overwrites the student logits (eager only).
+class EagerAnchoredResidualKL(torch.autograd.Function):
+    """The op's computation under a plain autograd.Function, eager only, for what a mutation-free
+    ``torch.library`` op cannot declare:
 
-    Not a custom op: it mutates its input, which a mutation-free ``torch.library`` op may not declare
-    away. The caller bumps the student's version counter, so that any other saved use of the
-    overwritten logits fails loudly in backward.
+    - ``inplace``: the gradient overwrites the student logits. The caller bumps the student's version
+      counter, so that any other saved use of the overwritten logits fails loudly in backward.
+    - ``compute_rows`` other than :func:`aropd_kernels.backends.compute_rows`: a vocabulary shard's rows,
+      whose passes call collectives (:mod:`aropd_kernels.distributed`).
+
+    Backward follows the op's rules (:func:`incoming_gradient_applied`).
     """
 
     @staticmethod
     def forward(ctx, student, partial, full, row_temperature, active, row_scale, labels, lam, clip, beta, reduce,
-                with_diagnostics, backend):
+                compute_grad, with_diagnostics, backend, inplace, compute_rows):
+        grad_out = None
+        if compute_grad:
+            grad_out = student if inplace else torch.empty(
+                student.shape, dtype=gradient_dtype(student.dtype), device=student.device)
         loss, diagnostics = _run(student, partial, full, row_temperature, active, row_scale, labels, lam, clip,
-                                 beta, reduce, with_diagnostics, backend, grad_out=student)
+                                 beta, reduce, with_diagnostics, backend, grad_out, compute_rows)
         ctx.reduce = reduce
         ctx.student_dtype = student.dtype
-        ctx.gradient = student  # not save_for_backward: the caller bumps its version after this
+        ctx.gradient = grad_out  # not save_for_backward: an in-place gradient's version is bumped after this
         ctx.set_materialize_grads(False)
         ctx.mark_non_differentiable(diagnostics)
         return loss, diagnostics
@@ -182,6 +204,6 @@ class InplaceAnchoredResidualKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_diagnostics):
         student_grad = None
-        if grad_loss is not None:
+        if grad_loss is not None and ctx.gradient is not None:
             student_grad = incoming_gradient_applied(ctx.gradient, grad_loss, ctx.reduce, ctx.student_dtype)
-        return (student_grad,) + (None,) * 12
+        return (student_grad,) + (None,) * 15

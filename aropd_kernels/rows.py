@@ -48,11 +48,11 @@ def plan_rows(batch_shape: torch.Size, device: torch.device, *, temperature, lab
     row_scale = _row_scale(reduction, row_weights, active, batch_shape, num_items_in_batch)
     token_labels = None
     if labels is not None and label_vocab is not None:
-        token_labels = _token_labels(labels, active, label_vocab, device)
+        token_labels = row_labels(labels, active, label_vocab, device)
     return RowPlan(row_temperature, active, row_scale, token_labels)
 
 
-def _token_labels(labels: torch.Tensor, active: torch.Tensor, vocab: int, device) -> torch.Tensor:
+def row_labels(labels: torch.Tensor, active: torch.Tensor, vocab: int, device) -> torch.Tensor:
     """int64 [N]: each active row's label (checked to lie in [0, V)), -1 on skipped rows."""
     flat = labels.to(device=device, dtype=torch.int64).reshape(-1)
     if not torch.compiler.is_compiling():
@@ -71,16 +71,29 @@ ANCHORED_NAMES = ("student_logits", "partial_teacher_logits", "full_teacher_logi
 ONE_TEACHER_NAMES = ("student_logits", "teacher_logits")
 
 
+def check_float_tensor(name: str, tensor, kind: str) -> None:
+    """TypeError unless ``tensor`` is a tensor of a dtype the kernels take; ``kind`` names what it holds."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}.")
+    if tensor.dtype not in LOGIT_DTYPES:
+        raise TypeError(
+            f"{name} has dtype {tensor.dtype}; {kind} must be float32, bfloat16 or float16 "
+            "(float64 for reference checks). Cast with .float()."
+        )
+
+
+def refuse_teacher_grad(name: str, tensor: torch.Tensor) -> None:
+    if tensor.requires_grad:
+        raise ValueError(
+            f"{name} requires grad, but teachers are constants here: pass {name}.detach() or "
+            "compute the teacher under torch.no_grad()."
+        )
+
+
 def check_logits(tensors: tuple[torch.Tensor, ...], names: tuple[str, ...] = ANCHORED_NAMES) -> None:
     """The student and its teachers: tensors of logits dtypes, one shape and device; teachers constant."""
     for name, tensor in zip(names, tensors):
-        if not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}.")
-        if tensor.dtype not in LOGIT_DTYPES:
-            raise TypeError(
-                f"{name} has dtype {tensor.dtype}; logits must be float32, bfloat16 or float16 "
-                "(float64 for reference checks). Cast with .float()."
-            )
+        check_float_tensor(name, tensor, "logits")
         if tensor.dim() == 0 or tensor.shape[-1] == 0:
             raise ValueError(f"{name} must have shape [..., V] with V >= 1, got {tuple(tensor.shape)}.")
     student = tensors[0]
@@ -92,11 +105,7 @@ def check_logits(tensors: tuple[torch.Tensor, ...], names: tuple[str, ...] = ANC
             )
         if tensor.device != student.device:
             raise ValueError(f"{name} is on {tensor.device} but student_logits is on {student.device}; move it with .to().")
-        if tensor.requires_grad:
-            raise ValueError(
-                f"{name} requires grad, but teachers are constants here: pass {name}.detach() or "
-                "compute the teacher under torch.no_grad()."
-            )
+        refuse_teacher_grad(name, tensor)
 
 
 def _is_number(value) -> bool:
@@ -104,7 +113,7 @@ def _is_number(value) -> bool:
     return not isinstance(value, bool) and isinstance(value, (Real, torch.SymFloat, torch.SymInt))
 
 
-def _is_finite(value) -> bool:
+def is_finite(value) -> bool:
     """math.isfinite for plain and symbolic numbers (NaN fails the first comparison)."""
     return value == value and -math.inf < value < math.inf
 
@@ -118,7 +127,7 @@ def check_real(name: str, value, condition: str, ok) -> None:
 
 
 def check_settings(lam, clip, beta, reduction, backend, num_items_in_batch) -> None:
-    check_real("lam", lam, "a finite number >= 0 (1.0 is the paper's default)", lambda x: _is_finite(x) and x >= 0)
+    check_real("lam", lam, "a finite number >= 0 (1.0 is the paper's default)", lambda x: is_finite(x) and x >= 0)
     check_real("clip", clip, "> 0 (math.inf disables clipping; 5.0 is the paper's default)", lambda x: x > 0)
     check_real("beta", beta, "in [0, 1] (1 reverse KL, 0 forward KL, between: JSD)", lambda x: 0 <= x <= 1)
     if reduction not in REDUCTIONS:
@@ -138,7 +147,7 @@ def _check_num_items(num_items_in_batch, reduction: str) -> None:
     counted = "tokens" if reduction == "batchmean" else "sequences"
     condition = f"a finite number > 0 (the number of {counted} in the whole batch)"
     if not isinstance(num_items_in_batch, torch.Tensor):
-        check_real("num_items_in_batch", num_items_in_batch, condition, lambda x: _is_finite(x) and x > 0)
+        check_real("num_items_in_batch", num_items_in_batch, condition, lambda x: is_finite(x) and x > 0)
         return
     if num_items_in_batch.numel() != 1:
         raise ValueError("num_items_in_batch must be a number or a one-element tensor.")
@@ -211,7 +220,7 @@ def _row_temperature(temperature, batch_shape, device) -> torch.Tensor:
         if not torch.compiler.is_compiling() and not bool(((temperature > 0) & torch.isfinite(temperature)).all()):
             raise ValueError("temperature must be > 0 and finite for every token; found entries <= 0, inf or NaN.")
         return temperature.detach().to(device=device, dtype=torch.float32).reshape(n_rows)
-    check_real("temperature", temperature, "> 0 and finite", lambda x: _is_finite(x) and x > 0)
+    check_real("temperature", temperature, "> 0 and finite", lambda x: is_finite(x) and x > 0)
     return torch.full((n_rows,), float(temperature), dtype=torch.float32, device=device)
 
 

@@ -93,7 +93,8 @@ def combine_normalizers(gathered: torch.Tensor, row_temperature: torch.Tensor) -
     row_max = maxima.amax(0)
     if torch.isnan(maxima).any():  # amax drops no NaN, but keep a NaN row NaN in the log-sum too
         row_max = torch.where(torch.isnan(maxima).any(0), torch.nan, row_max)
-    factor = _shifted_exp(log_sums, maxima, row_max.unsqueeze(0), 1.0 / row_temperature)
+    # 1 / T in the statistics' dtype: a float32 reciprocal would cost float64 statistics their precision
+    factor = _shifted_exp(log_sums, maxima, row_max.unsqueeze(0), 1.0 / row_temperature.to(gathered.dtype))
     log_sum = torch.log((torch.exp(log_sums) * factor).sum(0))
     return torch.stack([row_max, log_sum], dim=1)
 

@@ -20,7 +20,8 @@ from unittest import mock
 import numpy as np
 import torch
 
-from bench.providers import PROVIDERS, LossSettings
+from bench.one_teacher import PROVIDERS_BY_TEACHERS
+from bench.providers import LossSettings, Unavailable
 from bench.shapes import Shape
 
 MODES = ("forward", "forward+backward")
@@ -64,15 +65,6 @@ class Outcome:
 
 
 # --- the child ------------------------------------------------------------------------------------
-
-
-def _inputs(shape: Shape, dtype: torch.dtype, device: torch.device):
-    generator = torch.Generator(device=device).manual_seed(0)
-
-    def logits():
-        return torch.randn(shape.n_tokens, shape.vocab, generator=generator, dtype=dtype, device=device).mul_(2.0)
-
-    return logits().requires_grad_(), logits(), logits()
 
 
 def _synchronize(device: torch.device) -> None:
@@ -160,18 +152,21 @@ def _failure(error: BaseException) -> Outcome:
     return Outcome("error", detail=last_line)
 
 
-def _call_step(step, backward: bool, student, partial, full):
-    return step(student, partial, full, backward)
+def _call_step(step, backward: bool, *inputs):
+    return step(*inputs, backward)
 
 
 def _measure_modes(job: Job) -> dict[str, Outcome]:
     device = torch.device(job.device)
-    student, partial, full = _inputs(job.shape, getattr(torch, job.dtype), device)
-    provider = PROVIDERS[job.provider]
+    provider = PROVIDERS_BY_TEACHERS[job.settings.teachers][job.provider]
+    try:
+        inputs = provider.inputs(job.shape, getattr(torch, job.dtype), device)
+    except Unavailable as reason:
+        return {mode: Outcome("unavailable", detail=str(reason)) for mode in job.modes}
     step = provider.make(job.settings)
 
     def prepare():  # untimed, and counted as input in peak memory
-        return provider.student_input(student), partial, full
+        return provider.student_input(inputs[0]), *inputs[1:]
 
     outcomes = {}
     for mode in job.modes:

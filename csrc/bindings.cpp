@@ -15,18 +15,19 @@ namespace py = pybind11;
 
 namespace {
 
-// (address, dtype code, T, stride of the batch dimension, stride of the sequence dimension)
-using ViewArgument = std::tuple<std::uintptr_t, int, std::int64_t, std::int64_t, std::int64_t>;
+// (address, dtype code, stride of the batch dimension, stride of the sequence dimension)
+using ViewArgument = std::tuple<std::uintptr_t, int, std::int64_t, std::int64_t>;
 
 aropd::RowsView to_view(const ViewArgument& argument) {
-  const auto& [address, dtype, seq, stride_batch, stride_seq] = argument;
-  return {reinterpret_cast<const void*>(address), dtype, seq, stride_batch, stride_seq};
+  const auto& [address, dtype, stride_batch, stride_seq] = argument;
+  return {reinterpret_cast<const void*>(address), dtype, stride_batch, stride_seq};
 }
 
 // Runs one stage (aropd::Stage) of the per-row contract on raw buffers; address 0 means "not given".
 void run_rows(int stage, const ViewArgument& student, const ViewArgument& partial, const ViewArgument& full,
-              const ViewArgument& grad, std::int64_t n_rows, std::int64_t vocab, std::uintptr_t temperature,
-              std::uintptr_t active, std::uintptr_t grad_scale, std::uintptr_t labels, bool with_diagnostics,
+              const ViewArgument& grad, std::int64_t n_rows, std::int64_t seq, std::int64_t vocab,
+              std::uintptr_t temperature, std::uintptr_t active, std::uintptr_t grad_scale, std::uintptr_t labels,
+              bool with_diagnostics,
               std::uintptr_t row_loss, std::uintptr_t diagnostics, std::uintptr_t normalizers,
               std::uintptr_t target_sums, std::uintptr_t terms, std::uintptr_t mixture_sums, double lam,
               double clip, double beta, int num_threads) {
@@ -37,6 +38,7 @@ void run_rows(int stage, const ViewArgument& student, const ViewArgument& partia
   problem.full = to_view(full);
   problem.grad = to_view(grad);
   problem.n_rows = n_rows;
+  problem.seq = seq;
   problem.vocab = vocab;
   problem.temperature = reinterpret_cast<const float*>(temperature);
   problem.active = reinterpret_cast<const bool*>(active);
@@ -83,7 +85,8 @@ PYBIND11_MODULE(_native, module) {
   module.def("run_rows", &run_rows, py::call_guard<py::gil_scoped_release>(),
              "Runs one stage of the per-row contract on raw buffers; address 0 means 'not given'.",
              py::arg("stage"), py::arg("student"), py::arg("partial"), py::arg("full"), py::arg("grad"),
-             py::arg("n_rows"), py::arg("vocab"), py::arg("temperature"), py::arg("active"), py::arg("grad_scale"),
+             py::arg("n_rows"), py::arg("seq"), py::arg("vocab"), py::arg("temperature"), py::arg("active"),
+             py::arg("grad_scale"),
              py::arg("labels"), py::arg("with_diagnostics"), py::arg("row_loss"), py::arg("diagnostics"),
              py::arg("normalizers"), py::arg("target_sums"), py::arg("terms"), py::arg("mixture_sums"),
              py::arg("lam"), py::arg("clip"), py::arg("beta"), py::arg("num_threads"));

@@ -32,6 +32,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -247,7 +248,7 @@ std::vector<InstructionSet> supported_instruction_sets() {
   return supported;
 }
 
-// The copy in use: the best one, unless select_instruction_set chose another (tests).
+// The copy in use: the best one, unless select_instruction_set chose another (tests, bench --native-isa).
 std::atomic<const InstructionSet*> selected{nullptr};
 
 const InstructionSet& instruction_set_in_use() {

@@ -1,5 +1,5 @@
-// The per-row contract of aropd_kernels/backends.py, in C++ (SPEC §1-§2), and the shard stages of
-// aropd_kernels/shards.py over the same passes.
+// The per-row contract of aropd_kernels/backends.py, in C++ (the passes of docs/math.md), and the
+// shard stages of aropd_kernels/shards.py over the same passes.
 //
 // Pointers, shapes, strides (in elements) and dtype codes come from aropd_kernels/native.py, which
 // validates them; nothing here knows about torch.
@@ -21,13 +21,12 @@ enum class Stage : int { kFused = 0, kNormalizers = 1, kTargetSums = 2, kMixture
 
 constexpr int kNumDiagnostics = 6;  // belief_shift, clipped_mass, the two entropies, the label's log p and log q
 
-// A [B, T, V] view with unit stride in V: row i is (b, t) = (i / T, i % T) of this view and starts
-// at data + b * stride_batch + t * stride_seq. The views of one problem share N = B * T and V, not
-// necessarily B and T (a contiguous [6, V] tensor and a [2, 3, V] slice are both N = 6 rows).
+// A [B, T, V] view with unit stride in V: row i is (b, t) = (i / T, i % T) and starts at
+// data + b * stride_batch + t * stride_seq. The views of one problem share B, T and V; their strides
+// may differ (a logits[:, :-1] slice beside a contiguous tensor).
 struct RowsView {
   const void* data;
   int dtype;
-  int64_t seq;  // T
   int64_t stride_batch;
   int64_t stride_seq;
 };
@@ -96,8 +95,11 @@ enum NormalizerRow : int { kRawMax = 0, kLogSum = 1 };
 struct Problem {
   Stage stage;
   RowsView student, partial, full;  // full.data == nullptr: one teacher, the target is softmax(partial / T)
-  RowsView grad;  // data == nullptr: no gradient; otherwise written (kFused, kGradient)
-  int64_t n_rows, vocab;
+  RowsView grad;  // data == nullptr: no gradient; otherwise written (kFused, kGradient), float32 or the
+                  // student's dtype
+  int64_t n_rows;            // N = B * T
+  int64_t seq;               // T, the rows of one batch entry
+  int64_t vocab;
   const float* temperature;  // [N], every entry > 0
   const bool* active;        // [N]
   const float* grad_scale;   // [N]; used when grad.data != nullptr

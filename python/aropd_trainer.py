@@ -21,9 +21,11 @@ from train_tiny_aropd import (
     MAX_NEW_TOKENS,
     CharTokenizer,
     Problem,
+    announce_pretraining,
     build_model,
     completion_logits,
     completion_loss_mask,
+    cpu_backend,
     pretrain,
     sample_problems,
 )
@@ -120,11 +122,14 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default="aropd-trainer-output", help="Trainer's output_dir (nothing is saved)")
     args = parser.parse_args(argv)
+    backend = cpu_backend(parser, args.backend)
+    print(f"anchored_residual_kl backend: {backend} (--backend {args.backend})", flush=True)
     torch.set_num_threads(1)  # as in train_tiny_aropd.py: tiny matrices, shared cores
     torch.manual_seed(args.seed)
     rng = random.Random(args.seed)
     tokenizer = CharTokenizer()
     student = build_model(tokenizer)
+    announce_pretraining(args.pretrain_steps)
     pretrain(student, tokenizer, rng, args.pretrain_steps, batch_size=64)
     teacher = copy.deepcopy(student)
 
@@ -137,7 +142,7 @@ def main(argv=None) -> list[dict]:
         model=student, args=training_args, train_dataset=sample_problems(rng, 8 * 2 * args.steps),
         data_collator=lambda problems: collate_views(tokenizer, problems), callbacks=[EMATeacher(teacher)],
         teacher=teacher, pad_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eos_id,
-        max_new_tokens=MAX_NEW_TOKENS, backend=args.backend,
+        max_new_tokens=MAX_NEW_TOKENS, backend=backend,
     )
     trainer.train()
     return trainer.state.log_history

@@ -1,6 +1,6 @@
-"""A whole AR-OPD loop on CPU in about a minute: tiny transformers student, EMA self-teacher, no downloads.
+"""A whole AR-OPD loop on CPU in under a minute: tiny transformers student, EMA self-teacher, no downloads.
 
-    python python/train_tiny_aropd.py --steps 20 [--backend auto] [--lam 1.0] [--clip 5.0] [--beta 0.0]
+    python python/train_tiny_aropd.py --steps 20 [--backend auto] [--lam 1.0] [--clip 5.0] [--beta 0.0] [--fused-linear]
 
 The task is two-digit addition with a worked solution, e.g. ``47+38`` -> ``7+8=15;4+3+1=8;>85``.
 A tiny Llama built from a config (character vocabulary, two layers) is pre-trained for a few seconds on
@@ -16,6 +16,10 @@ Each step samples rollouts from the student, scores the student's completion und
 completion tokens (:func:`completion_logits`, see docs/integration.md), and minimizes
 ``anchored_residual_kl(..., reduction="seq_mean")`` with the first completion tokens skipped, as the
 paper does. The teacher then follows the student: teacher <- 0.99 * teacher + 0.01 * student.
+
+With ``--fused-linear`` no logits are computed for the loss: the last hidden states of the student and
+of both teacher views are lined up on the completion tokens instead (:func:`aligned_hidden_states`)
+and handed with the two lm_head weights to ``fused_linear_anchored_residual_kl``.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from dataclasses import dataclass
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from aropd_kernels import anchored_residual_kl
+from aropd_kernels import anchored_residual_kl, backends, fused_linear_anchored_residual_kl
 
 SKIPPED_COMPLETION_TOKENS = 3  # the paper leaves the first completion tokens out of the loss
 EMA_DECAY = 0.99  # teacher <- EMA_DECAY * teacher + (1 - EMA_DECAY) * student, after every step
@@ -250,17 +254,33 @@ def greedy_accuracy(student, tokenizer: CharTokenizer, problems: list[Problem]) 
     return answer_accuracy(tokenizer, problems, sequences[:, prompt_length:])
 
 
-@torch.no_grad()
-def teacher_logits(teacher, tokenizer: CharTokenizer, prompts: list[str], completion: torch.Tensor) -> torch.Tensor:
-    """Teacher logits ``[B, C, V]`` for the student's completion placed after each privileged prompt."""
+def teacher_inputs(tokenizer: CharTokenizer, prompts: list[str], completion: torch.Tensor):
+    """(input ids, attention mask, prompt lengths) of the student's completion after each privileged prompt."""
     prompt_ids = [[tokenizer.bos_id] + tokenizer.encode(prompt) for prompt in prompts]
     rows = [ids + tokens for ids, tokens in zip(prompt_ids, completion.tolist())]
     input_ids = right_padded(rows, tokenizer.pad_id)  # padding at the end never reaches earlier positions
     attention_mask = right_padded([[1] * len(row) for row in rows], 0)
+    return input_ids, attention_mask, torch.tensor([len(ids) for ids in prompt_ids])
+
+
+@torch.no_grad()
+def teacher_logits(teacher, tokenizer: CharTokenizer, prompts: list[str], completion: torch.Tensor) -> torch.Tensor:
+    """Teacher logits ``[B, C, V]`` for the student's completion placed after each privileged prompt."""
+    input_ids, attention_mask, prompt_lengths = teacher_inputs(tokenizer, prompts, completion)
     teacher.eval()
     logits = teacher(input_ids=input_ids, attention_mask=attention_mask).logits
-    prompt_lengths = torch.tensor([len(ids) for ids in prompt_ids])
     return completion_logits(logits, prompt_lengths, completion.shape[1])
+
+
+@torch.no_grad()
+def teacher_hidden_states(teacher, tokenizer: CharTokenizer, prompts: list[str],
+                          completion: torch.Tensor) -> torch.Tensor:
+    """The teacher's last hidden states ``[B, C, H]`` at the rows whose logits would predict the completion:
+    the base model without its lm_head (``get_decoder()``), so no logits are made."""
+    input_ids, attention_mask, prompt_lengths = teacher_inputs(tokenizer, prompts, completion)
+    teacher.eval()
+    hidden = teacher.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    return completion_logits(hidden, prompt_lengths, completion.shape[1])  # the same rows as for logits
 
 
 def aligned_logits(student, teacher, tokenizer: CharTokenizer, rollouts: Rollouts):
@@ -287,6 +307,29 @@ def aropd_loss(student, teacher, tokenizer: CharTokenizer, rollouts: Rollouts, *
     )
 
 
+def aligned_hidden_states(student, teacher, tokenizer: CharTokenizer, rollouts: Rollouts):
+    """Last hidden states ``[B, C, H]`` of the student (with autograd history) and of both teacher views,
+    row ``j`` at the position whose logits would predict completion token ``j``."""
+    completion = rollouts.completion
+    partial = teacher_hidden_states(teacher, tokenizer, [p.partial_prompt() for p in rollouts.problems], completion)
+    full = teacher_hidden_states(teacher, tokenizer, [p.full_prompt() for p in rollouts.problems], completion)
+    student.train()
+    hidden = student.get_decoder()(input_ids=rollouts.sequences).last_hidden_state
+    return completion_logits(hidden, rollouts.prompt_length, completion.shape[1]), partial, full
+
+
+def fused_linear_aropd_loss(student, teacher, tokenizer: CharTokenizer, rollouts: Rollouts, *, lam: float,
+                            clip: float, beta: float, backend: str):
+    """:func:`aropd_loss` from hidden states and lm_head weights: the same loss, without the logits."""
+    student_hidden, partial, full = aligned_hidden_states(student, teacher, tokenizer, rollouts)
+    return fused_linear_anchored_residual_kl(
+        student_hidden, student.get_output_embeddings().weight, partial, full,
+        teacher.get_output_embeddings().weight,
+        lam=lam, clip=clip, beta=beta, mask=rollouts.loss_mask,
+        reduction="seq_mean", return_diagnostics=True, backend=backend,
+    )
+
+
 @torch.no_grad()
 def ema_update(teacher, student, decay: float = EMA_DECAY) -> None:
     for teacher_param, student_param in zip(teacher.parameters(), student.parameters()):
@@ -300,6 +343,20 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> float:
 # --- driver ---------------------------------------------------------------------------------------
 
 
+def cpu_backend(parser: argparse.ArgumentParser, requested: str) -> str:
+    """The backend anchored_residual_kl runs for this example's CPU float32 logits (what ``auto``
+    resolves to); a command-line error saying why when the requested one cannot run."""
+    try:
+        return backends.resolve(requested, torch.device("cpu"), (torch.float32,))
+    except ValueError as error:
+        parser.error(f"--backend {requested}: {error}")
+
+
+def announce_pretraining(steps: int) -> None:
+    print(f"pre-training the student for {steps} supervised steps on all three prompt formats, so that its "
+          "EMA copy can read a privileged trace as a teacher (no output until it ends) ...", flush=True)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--steps", type=int, default=20, help="AR-OPD steps (default 20)")
@@ -309,6 +366,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--clip", type=float, default=5.0, help="residual clip c (default 5.0)")
     parser.add_argument("--beta", type=float, default=0.0,
                         help="divergence: 0 forward KL (the paper's scripts, default), 1 reverse KL, between JSD")
+    parser.add_argument("--fused-linear", action="store_true",
+                        help="compute the loss from the last hidden states and lm_head weights "
+                             "(fused_linear_anchored_residual_kl), never the logits")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=16, help="rollouts per AR-OPD step (default 16)")
     parser.add_argument("--lr", type=float, default=3e-4, help="AR-OPD learning rate (default 3e-4)")
@@ -317,7 +377,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: the matrices are tiny, and on a shared machine "
                              "more threads spin-wait for each other and run several times slower)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.resolved_backend = cpu_backend(parser, args.backend)
+    return args
 
 
 def main(argv=None) -> list[dict]:
@@ -329,7 +391,9 @@ def main(argv=None) -> list[dict]:
     tokenizer = CharTokenizer()
     student = build_model(tokenizer)
 
+    print(f"anchored_residual_kl backend: {args.resolved_backend} (--backend {args.backend})", flush=True)
     start = time.perf_counter()
+    announce_pretraining(args.pretrain_steps)
     pretrain_loss = pretrain(student, tokenizer, rng, args.pretrain_steps, args.pretrain_batch_size)
     print(f"pre-trained {args.pretrain_steps} steps in {time.perf_counter() - start:.1f}s, loss {pretrain_loss:.3f}")
 
@@ -343,8 +407,9 @@ def main(argv=None) -> list[dict]:
     for step in range(1, args.steps + 1):
         step_start = time.perf_counter()
         rollouts = sample_rollouts(student, tokenizer, sample_problems(rng, args.batch_size))
-        loss, diagnostics = aropd_loss(student, teacher, tokenizer, rollouts, lam=args.lam, clip=args.clip,
-                                       beta=args.beta, backend=args.backend)
+        loss_fn = fused_linear_aropd_loss if args.fused_linear else aropd_loss
+        loss, diagnostics = loss_fn(student, teacher, tokenizer, rollouts, lam=args.lam, clip=args.clip,
+                                    beta=args.beta, backend=args.resolved_backend)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -371,7 +436,7 @@ def main(argv=None) -> list[dict]:
             flush=True,
         )
     print(f"student greedy accuracy after {args.steps} AR-OPD steps: {greedy_accuracy(student, tokenizer, held_out):.2f}")
-    print(f"done: backend={args.backend}, {time.perf_counter() - start:.1f}s including pre-training")
+    print(f"done: backend={args.resolved_backend}, {time.perf_counter() - start:.1f}s including pre-training")
     return history
 
 

@@ -7,6 +7,7 @@ processes, the CSV and the plots; it asserts no timings (the machine is shared).
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 import subprocess
 import sys
@@ -22,8 +23,10 @@ if str(REPO_ROOT) not in sys.path:
 
 from aropd_kernels import anchored_residual_kl, backends  # noqa: E402
 from bench import measure, report  # noqa: E402
+from bench import shapes  # noqa: E402
 from bench.providers import (  # noqa: E402
-    PROVIDERS, LossSettings, eager_loss, make_chunked, model_output, package_provider,
+    DEFAULT_PROVIDERS, PROVIDERS, LossSettings, Unavailable, eager_loss, linear_package_provider, logits_inputs,
+    make_chunked, model_output, package_provider,
 )
 from bench.shapes import Shape  # noqa: E402
 
@@ -82,6 +85,8 @@ def test_metric_rows_order_quantiles_and_keep_failures():
     assert rows[("compiled", "floor_fraction")]["median"] == pytest.approx(4 * 1000 * 6 / 1e9 / 0.0015)
     assert all(rows[("native", m)]["status"] == "unavailable" and rows[("native", m)]["median"] is None
                for m in report.METRICS)
+    printed = report.table(report.metric_rows(measurements, "bfloat16", 1e9), ("forward",))
+    assert "== forward, bfloat16 logits ==" in printed and "[1] unavailable: not built" in printed
 
 
 def test_package_providers_are_thin_calls_of_the_public_api():
@@ -132,6 +137,73 @@ def test_cpu_peak_growth_counts_prepared_arguments_as_inputs():
     assert in_place < 2**20 and abs(allocating - 4 * n_floats) < 2**20
 
 
+def test_hidden_state_providers_compute_the_same_loss_and_gradients():
+    inputs = PROVIDERS["fused-linear"].inputs(Shape("m", n_tokens=5, vocab=77, hidden=16), torch.float32,
+                                              torch.device("cpu"))
+    settings = LossSettings(beta=0.0, clip=2.0)
+    results = {name: PROVIDERS[name].make(settings)(*inputs, True) for name in ("linear+eager", "fused-linear")}
+    results["linear+reference"] = linear_package_provider("reference")[0](settings)(*inputs, True)
+    assert [len(result) for result in results.values()] == [3] * 3  # loss, hidden and weight gradients
+    (forward_only,) = PROVIDERS["fused-linear"].make(settings)(*inputs, False)
+    expected = results.pop("linear+eager")
+    torch.testing.assert_close(forward_only, expected[0])
+    for result in results.values():
+        for actual, wanted in zip(result, expected):
+            torch.testing.assert_close(actual, wanted)
+
+
+def test_hidden_state_providers_run_where_the_hidden_size_is_known():
+    sweep = shapes.sweep(["qwen2.5-0.5b", "Gemma-3"], [1000], [4])
+    assert [shape.hidden for shape in sweep] == [896, None, None]
+    assert [shape.hidden for shape in shapes.sweep(["Gemma-3"], [1000], [4], hidden=32)] == [32, 32]
+    with pytest.raises(Unavailable, match="--hidden"):
+        PROVIDERS["linear+eager"].inputs(sweep[1], torch.float32, torch.device("cpu"))
+    job = measure.Job("fused-linear", sweep[2], "float32", "cpu", measure.MODES, LossSettings(),
+                      measure.TimingPlan(0, 1, 1.0))
+    assert {outcome.status for outcome in measure._measure_modes(job).values()} == {"unavailable"}
+    assert "fused-linear" not in DEFAULT_PROVIDERS and "native" in DEFAULT_PROVIDERS
+def _instruction_set_after_making_the_native_provider(connection, name):
+    make, _ = package_provider("native")
+    make(LossSettings(native_isa=name))
+    from aropd_kernels import native
+
+    connection.send(native.instruction_set())
+
+
+@pytest.mark.skipif(not backends.native_available(), reason="the native kernel is not built")
+def test_native_isa_setting_selects_the_copy_in_the_measuring_process():
+    from aropd_kernels import native
+
+    name = native.instruction_sets()[-1]  # the baseline copy, which every CPU runs
+    result, status, detail = measure._run_in_child(_instruction_set_after_making_the_native_provider, (name,),
+                                                   timeout_s=120)
+    assert status == "ok", detail
+    assert result == name
+
+
+def test_cli_refuses_an_unknown_native_instruction_set():
+    command = [sys.executable, str(REPO_ROOT / "bench" / "run.py"), "--native-isa", "no-such-isa"]
+    completed = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 2
+    assert "--native-isa" in completed.stderr
+
+
+def test_gpu_check_without_a_gpu_stops_at_once_and_says_why(tmp_path):
+    out = tmp_path / "gpu-check"
+    completed = subprocess.run(["bash", str(REPO_ROOT / "bench" / "gpu_check.sh"), str(out)], check=False,
+                               capture_output=True, text=True, timeout=120,
+                               env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert completed.returncode == 3, completed.stdout + completed.stderr
+    assert "needs an NVIDIA GPU" in completed.stderr and "Nothing was run" in completed.stderr
+    assert not out.exists()
+
+
+def test_gpu_check_asks_for_its_output_folder():
+    completed = subprocess.run(["bash", str(REPO_ROOT / "bench" / "gpu_check.sh")], check=False,
+                               capture_output=True, text=True, timeout=60)
+    assert completed.returncode == 2 and "usage: bash bench/gpu_check.sh OUT_FOLDER" in completed.stderr
+
+
 def test_unavailable_backends_say_why():
     cpu = torch.device("cpu")
     assert "CUDA" in PROVIDERS["triton"].why_unavailable(cpu, torch.bfloat16)
@@ -177,9 +249,9 @@ def test_a_child_that_dies_or_hangs_is_reported_not_raised():
 def test_cli_smoke_writes_csv_and_plots_and_reports_unavailable_providers(tmp_path):
     providers = ["eager", "chunked", "native", "native-inplace", "triton"]
     command = [sys.executable, str(REPO_ROOT / "bench" / "run.py"), "--device", "cpu", "--vocab", "1000",
-               "--tokens", "4", "--providers", *providers, "--repeats", "2", "--no-progress",
+               "--tokens", "4", "--providers", *providers, "--repeats", "2", "--no-progress", "--dtype", "float32",
                "--out", str(tmp_path)]
-    completed = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
+    completed = subprocess.run(command, check=False, capture_output=True, text=True, timeout=600)  # a hang guard
     assert completed.returncode == 0, completed.stderr
 
     with open(tmp_path / "results.csv", newline="") as handle:
@@ -201,10 +273,55 @@ def test_cli_smoke_writes_csv_and_plots_and_reports_unavailable_providers(tmp_pa
             native = by_key[(provider, "4", mode, "time_ms")]
             assert native["status"] == ("ok" if backends.native_available() else "unavailable"), native["detail"]
     assert {r["device"] for r in rows} != {""} and {r["torch_version"] for r in rows} == {torch.__version__}
-    assert "unavailable [" in completed.stdout
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
+    assert "unavailable [" in completed.stdout and "== forward+backward, float32 logits ==" in completed.stdout
+    markdown = (tmp_path / "results.md").read_text()
+    assert f"- command: `python bench/run.py {' '.join(command[2:])}`" in markdown
+    assert "- device: cpu" in markdown and "- date: " in markdown
+    assert "forward+backward, float32 logits" in markdown and "| vocab-1000 | 4 | 1000 | eager |" in markdown
+    if importlib.util.find_spec("matplotlib") is None:  # asked, not imported: the CLI's child did the plotting
         assert "no plots" in completed.stderr
     else:
         assert (tmp_path / "time.png").stat().st_size > 0 and (tmp_path / "memory.png").stat().st_size > 0
+
+
+def _vocab_parallel_and_eager_steps(connection, shape):
+    student, partial, full = logits_inputs(shape, torch.float32, torch.device("cpu"))
+    settings = LossSettings(beta=0.5)
+    provider = PROVIDERS["vocab-parallel"]
+    shard = provider.student_input(student)
+    step = provider.make(settings)
+    calls = [step(shard, partial, full, backward) for backward in (True, False, True)]
+    eager = PROVIDERS["eager"].make(settings)(student, partial, full, True)
+    def arrays(tensors):  # tensors would travel as file descriptors, which die with this process
+        return tuple(t.detach().numpy() for t in tensors)
+
+    connection.send(([arrays(call) for call in calls], arrays(eager), shard.shape[-1]))
+
+
+def test_the_vocab_parallel_provider_splits_the_measured_inputs_over_its_ranks():
+    """Rank 0 (the measuring process) and the rank it starts make the single-process loss of the measured
+    inputs, call after call, in both modes; rank 0's gradient is the first columns of the whole one."""
+    shape = Shape("vocab-1001", 5, 1001)
+    result, status, detail = measure._run_in_child(_vocab_parallel_and_eager_steps, (shape,), timeout_s=120)
+    assert status == "ok", detail
+    calls, (eager_loss_value, eager_grad), width = result
+    assert width == 501 and [len(call) for call in calls] == [2, 1, 2]
+    for call in calls:
+        torch.testing.assert_close(torch.from_numpy(call[0]), torch.from_numpy(eager_loss_value), rtol=1e-5, atol=1e-6)
+    for _, grad in (calls[0], calls[2]):
+        torch.testing.assert_close(torch.from_numpy(grad), torch.from_numpy(eager_grad[:, :width]), rtol=1e-4,
+                                   atol=1e-7)
+
+
+def test_cli_smoke_runs_the_hidden_state_providers(tmp_path):
+    providers = ["linear+eager", "linear+native", "fused-linear"]
+    command = [sys.executable, str(REPO_ROOT / "bench" / "run.py"), "--device", "cpu", "--vocab", "300",
+               "--hidden", "24", "--tokens", "6", "--providers", *providers, "--repeats", "2", "--no-progress",
+               "--mode", "forward+backward", "--out", str(tmp_path)]
+    completed = subprocess.run(command, check=False, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stderr
+    with open(tmp_path / "results.csv", newline="") as handle:
+        rows = {(r["provider"], r["metric"]): r for r in csv.DictReader(handle)}
+    for provider in providers:
+        expected = "unavailable" if provider == "linear+native" and not backends.native_available() else "ok"
+        assert rows[(provider, "time_ms")]["status"] == expected, rows[(provider, "time_ms")]["detail"]

@@ -21,7 +21,7 @@ import pytest
 import torch
 from torch import nn
 
-from aropd_kernels import AnchoredResidualKL, anchored_residual_kl
+from aropd_kernels import AnchoredResidualKL, anchored_residual_kl, backends
 from conftest import assert_loss_close, backends_under_test, device_for, gold
 from strategies import Problem
 from test_properties import check_against_gold
@@ -66,6 +66,17 @@ def test_example_runs_steps_with_finite_loss(capsys):
             assert math.isfinite(record[key]), f"{key} is not finite at step {record['step']}"
     printed = capsys.readouterr().out
     assert "step   2/2  loss" in printed and "belief_shift" in printed and "clipped_mass" in printed
+    resolved = backends.resolve("auto", torch.device("cpu"), (torch.float32,))  # native or reference, never auto
+    assert f"anchored_residual_kl backend: {resolved} (--backend auto)" in printed
+    assert f"done: backend={resolved}," in printed
+    assert printed.index("pre-training the student for 20 supervised steps") < printed.index("pre-trained 20 steps")
+
+
+def test_example_runs_with_fused_linear(capsys):
+    history = example.main(["--steps", "2", "--pretrain-steps", "20", "--pretrain-batch-size", "16",
+                            "--batch-size", "4", "--seed", "1", "--fused-linear"])
+    assert [record["step"] for record in history] == [1, 2]
+    assert all(math.isfinite(record["loss"]) for record in history)
 
 
 # --- alignment -------------------------------------------------------------------------------------
@@ -244,33 +255,29 @@ def test_loop_step_backend_matches_reference(loop_step, backend):
         torch.testing.assert_close(grads[name], expected, rtol=1e-4, atol=1e-5 * scale, msg=f"grad of {name}")
 
 
-# --- the TRL mapping of docs/integration.md ------------------------------------------------------
-
-
-def generalized_jsd_batchmean(student_logits, teacher_logits, labels, beta, temperature):
-    """GKD's generalized JSD (arXiv 2306.13649, Eq. 1, with TRL's endpoints): mean over labelled tokens."""
-    ls = torch.log_softmax(student_logits / temperature, dim=-1)
-    lt = torch.log_softmax(teacher_logits / temperature, dim=-1)
-    if beta == 0.0:
-        per_token = (lt.exp() * (lt - ls)).sum(-1)  # KL(teacher || student)
-    elif beta == 1.0:
-        per_token = (ls.exp() * (ls - lt)).sum(-1)  # KL(student || teacher)
-    else:
-        lm = torch.logaddexp(lt + math.log(beta), ls + math.log1p(-beta))
-        per_token = beta * (lt.exp() * (lt - lm)).sum(-1) + (1 - beta) * (ls.exp() * (ls - lm)).sum(-1)
-    scored = labels != -100
-    return per_token[scored].sum() / scored.sum()
-
-
-@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
-def test_one_teacher_passed_twice_is_trl_generalized_jsd(beta):
-    torch.manual_seed(0)
-    student, teacher = torch.randn(2, 6, 11, dtype=torch.float64), torch.randn(2, 6, 11, dtype=torch.float64)
-    labels = torch.randint(0, 11, (2, 6))
-    labels[0, :2] = -100
-    labels[1, 4:] = -100
-    ours = anchored_residual_kl(student, teacher, teacher, beta=beta, temperature=0.7, labels=labels)
-    torch.testing.assert_close(ours, generalized_jsd_batchmean(student, teacher, labels, beta, 0.7))
+@pytest.mark.parametrize("backend", backends_under_test())
+def test_fused_linear_step_is_the_logits_step(loop_step, backend):
+    """--fused-linear: the same loss, diagnostics and parameter gradients from hidden states and lm_head
+    weights as from the aligned logits; the student's lm_head is tied to its embedding, which gets both
+    gradients."""
+    student, teacher, tokenizer, rollouts = loop_step
+    with torch.no_grad():
+        hidden, partial, full = example.aligned_hidden_states(student, teacher, tokenizer, rollouts)
+        logits = example.aligned_logits(student, teacher, tokenizer, rollouts)
+    torch.testing.assert_close(student.lm_head(hidden), logits[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(teacher.lm_head(full), logits[2], rtol=1e-5, atol=1e-5)
+    expected_loss, expected_diagnostics, expected_grads = _step(loop_step, backend)
+    student.zero_grad(set_to_none=True)
+    loss, diagnostics = example.fused_linear_aropd_loss(student, teacher, tokenizer, rollouts, lam=LAM, clip=CLIP,
+                                                        beta=BETA, backend=backend)
+    loss.backward()
+    assert_loss_close(loss.detach().reshape(1), expected_loss.reshape(1).double(), "loss")
+    for name, actual, expected in zip(diagnostics._fields, diagnostics, expected_diagnostics):
+        assert_loss_close(actual, expected.double(), name)
+    for name, param in student.named_parameters():
+        scale = expected_grads[name].abs().max().item()
+        torch.testing.assert_close(param.grad, expected_grads[name], rtol=1e-4, atol=1e-5 * scale,
+                                   msg=f"grad of {name}")
 
 
 # --- torch.compile ---------------------------------------------------------------------------------

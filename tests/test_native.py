@@ -16,11 +16,10 @@ import os
 
 import pytest
 import torch
-from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from aropd_kernels import anchored_residual_kl, distillation_divergence, native, reference, shards
-from conftest import assert_grad_close, assert_loss_close, gold, gold_token_logprobs
+from conftest import assert_grad_close, assert_loss_close, fixed_and_random, gold, gold_token_logprobs
 from strategies import Problem, problems
 from test_one_teacher import check_one_teacher_against_gold
 from test_properties import check_against_gold, confident_student_problem
@@ -67,7 +66,7 @@ def test_missing_kernel_gives_a_clear_error(monkeypatch):
 
 
 @built
-@given(problem=problems())
+@fixed_and_random(problem=problems())
 def test_property_suite_under_each_instruction_set(problem):
     check_against_gold(problem, "native")
 
@@ -78,16 +77,14 @@ def test_instruction_set_in_use_is_the_selected_one(instruction_set):
 
 
 @built
-@settings(max_examples=4)
-@given(problem=problems(max_rows=2, vocab_sizes=(262_208,)))
+@fixed_and_random(max_examples=2, problem=problems(max_rows=2, vocab_sizes=(262_208,)))
 def test_largest_vocabulary_matches_gold(problem):
     check_against_gold(problem, "native")
 
 
 @built
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@settings(max_examples=15)
-@given(data=st.data())
+@fixed_and_random(max_examples=8, data=st.data())
 def test_each_input_dtype_matches_gold(dtype, data):
     problem = data.draw(problems(dtypes=(dtype,)))
     check_against_gold(problem._replace(partial=problem.partial.to(dtype), full=problem.full.to(dtype)), "native")
@@ -109,8 +106,7 @@ def test_confident_student_keeps_the_gradient_rule_under_each_instruction_set(dt
     (torch.float16, torch.bfloat16, torch.float32),
     (torch.float32, torch.float16, torch.bfloat16),
 ], ids=lambda d: "-".join(str(x).removeprefix("torch.") for x in d))
-@settings(max_examples=10)
-@given(data=st.data())
+@fixed_and_random(max_examples=5, data=st.data())
 def test_mixed_dtypes_match_gold(dtypes, data):
     problem = data.draw(problems(dtypes=(torch.float32,)))
     student, partial, full = (t.to(d) for t, d in zip(problem[:3], dtypes))
@@ -281,6 +277,8 @@ def test_contract_checks_layout_and_dtypes():
     with pytest.raises(ValueError, match="unit stride in V"):
         strided = torch.randn(1, 2, 16)[..., ::2]
         native.compute_rows(strided, good, good, grad_scale=None, grad_out=None, **rows)
+    with pytest.raises(ValueError, match="partial must be a .B, T, V. view of the student's shape"):
+        native.compute_rows(good, good.view(2, 1, 8), good, grad_scale=None, grad_out=None, **rows)
     with pytest.raises(TypeError, match="grad_out must be float32 or the student.s dtype"):
         native.compute_rows(good, good, good, grad_scale=torch.ones(2), grad_out=good.half(), **rows)
     with pytest.raises(ValueError, match="row_temperature must be a CPU torch.float32"):
@@ -300,7 +298,7 @@ def _all_labels(problem: Problem, seed: int) -> torch.Tensor:
 
 
 @built
-@given(problem=problems(), seed=st.integers(0, 2**31 - 1))
+@fixed_and_random(problem=problems(), seed=st.integers(0, 2**31 - 1))
 def test_one_teacher_property_suite_under_each_instruction_set(problem, seed):
     labels = torch.where(torch.rand(problem.student.shape[:-1], generator=torch.Generator().manual_seed(seed)) < 0.2,
                          -100, _all_labels(problem, seed))

@@ -17,7 +17,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from aropd_kernels import shards
+from aropd_kernels import reference, shards
 from conftest import assert_grad_close, assert_loss_close, backends_under_test, gold, gold_token_logprobs
 from strategies import problems
 
@@ -155,3 +155,17 @@ def test_one_shard_is_the_backend_itself():
         staged = shards.run_stages(stages, student, partial, full, *rows, None, None, **settings)
         torch.testing.assert_close(staged.row_loss, whole.row_loss, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(staged.diagnostics, whole.diagnostics, rtol=1e-5, atol=1e-6)
+
+
+def test_float64_normalizers_combine_in_float64():
+    """Shards' float64 log-sums combine to the whole row's float64 log-sum-exp, also at a temperature whose
+    float32 reciprocal is inexact (the per-row temperatures are float32)."""
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(1, 4, 1001, generator=generator, dtype=torch.float64) * 5
+    row_temperature = torch.full((4,), 0.7)
+    active = torch.ones(4, dtype=torch.bool)
+    whole = reference.shard_normalizers(logits, logits, None, row_temperature, active)
+    split = torch.stack([reference.shard_normalizers(part, part, None, row_temperature, active)
+                         for part in logits.split([300, 400, 301], dim=-1)])
+    combined = shards.combine_normalizers(split, row_temperature)
+    torch.testing.assert_close(combined, whole, rtol=1e-14, atol=1e-14)

@@ -102,25 +102,20 @@ def compile_one(spec: Specialization) -> Report:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    import torch
-
     from .kernels import anchored_residual_rows_kernel as kernel
-    from .launch import ENABLE_FP_FUSION, exact_divergence
+    from .launch import LaunchConfig
 
-    grad_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.student_dtype]
-    grad_dtype = grad_dtype if spec.write_grad else None  # the gradient has the student's dtype
     source = ASTSource(
         fn=kernel, signature=_signature(kernel, spec), attrs=_divisible_by_16(kernel),
         constexprs={"DIVERGENCE": DIVERGENCES[spec.divergence], "WITH_DIAGNOSTICS": spec.with_diagnostics,
-                    "WRITE_GRAD": spec.write_grad, "BLOCK_V": spec.block_v,
-                    "EXACT_DIVERGENCE": exact_divergence(DIVERGENCES[spec.divergence], grad_dtype)})
+                    "WRITE_GRAD": spec.write_grad, "BLOCK_V": spec.block_v})
     log = io.StringIO()
     try:
         with knobs.nvidia.scope(), knobs.compilation.scope(), contextlib.redirect_stdout(log):
             knobs.nvidia.dump_ptxas_log = True  # Triton prints the log of its own ptxas run
             knobs.compilation.always_compile = True  # a cached kernel would skip ptxas and its log
             compiled = triton.compile(source, target=GPUTarget("cuda", spec.arch, 32),
-                                      options={"num_warps": spec.num_warps, "enable_fp_fusion": ENABLE_FP_FUSION})
+                                      options=LaunchConfig(spec.block_v, spec.num_warps).compile_options())
         registers, spill_bytes = _ptxas_numbers(log.getvalue())
         return Report(spec, registers, spill_bytes, compiled.metadata.shared, None)
     except Exception as error:  # reported per specialization, and the exit code says it failed

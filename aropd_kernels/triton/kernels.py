@@ -5,8 +5,8 @@ accumulators, reduced across lanes once at the end of the sweep:
 
 1. ``_log_normalizers``: online log-sum-exp of student, partial and full logits in one read.
 2. ``_target_sweep``: the target logits ``z``, their log-normalizer and the row sums the divergence
-   needs (reverse KL: sum p (ls - z) and sum p, in float64 for float32 gradients; forward KL: the
-   running q-weighted mean of z - ls), plus the
+   needs (reverse KL: sum p (ls - z) and sum p, in float64 when a gradient is written; forward KL: the
+   running q-weighted mean of (z - max) - ls), plus the
    diagnostics when ``WITH_DIAGNOSTICS`` (a constexpr: nothing of it is compiled when off).
 3. ``_jsd_sweep`` (JSD only): KL(q || m) and KL(p || m), which need the exact lq inside lm.
 4. ``_gradient_sweep`` (when ``WRITE_GRAD``): the student gradient, already scaled by the row's
@@ -23,11 +23,15 @@ from .tl_utils import (
     LN_2,
     LOG2_E,
     NEG_INF,
+    allowed_where_forbidden,
+    centered_row_mean,
+    infinite_if,
+    kl_term,
     lane_weights,
     log2_probs,
     log2_1p,
+    online_centered_update,
     online_logsumexp_update,
-    online_weighted_update,
     target_logit,
     weighted_term,
 )
@@ -90,19 +94,24 @@ def _block_log_probs(rows, normalizers, cols, mask, scale, lam, clip, EVICTION: 
 
 @triton.jit
 def _target_sweep(rows, normalizers, vocab, scale, lam, clip, DIVERGENCE: tl.constexpr,
-                  WITH_DIAGNOSTICS: tl.constexpr, EXACT_DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr):
+                  WITH_DIAGNOSTICS: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
     """Normalizer (max, log2-sum) of z; the divergence in base 2 for reverse and forward KL (0 for JSD);
     the four diagnostics (zeros when off); for reverse KL also ``student_gap``, its D less lse_z, which
     the gradient sweep needs.
 
     Reverse KL: D = student_gap + lse_z with student_gap = sum p (ls - z) in float32, or, when
-    ``EXACT_DIVERGENCE`` (float32 gradients), sum p (ls - z) / sum p in float64: the gradient
+    ``WRITE_GRAD`` (a gradient is written, in any dtype), sum p (ls - z) / sum p in float64: the gradient
     p ((ls - z) - student_gap) cancels for a confident token, so student_gap must be what the rounded
     p and ls - z say to the last bit (a product of two floats is exact in float64; a float32 sum is
     off by up to half an ulp of D per term), and the mean over p (sum p is 1 only up to rounding) keeps it
-    from moving with the student's normalizer. A half-precision gradient cannot hold either.
-    Forward KL: D = sum q (z - ls) - lse_z, the q-weighted sum kept per lane with the same rescaling
-    as the running sum of exp2(z).
+    from moving with the student's normalizer.
+    Forward KL: D = sum q ((z - max_z) - ls) - log2 sum exp2(z - max_z), the q-weighted sum kept per
+    lane, centered on the lane's running max of z, with the same rescaling as the running sum of
+    exp2(z); the target entropy likewise from sum q (z - max_z). Centered, neither cancels against
+    lse_z where z is far from 0 (a target whose likely tokens have log-probabilities near -1000).
+    Infinities (reverse KL, forward KL, belief_shift) are decided from log-probabilities, a per-lane
+    flag of :func:`allowed_where_forbidden` reduced after the sweep: the probability that makes the
+    sum infinite may underflow to 0 in float32.
     """
     z_max = tl.full([BLOCK_V], NEG_INF, tl.float32)
     z_sum = tl.zeros([BLOCK_V], tl.float32)
@@ -112,45 +121,54 @@ def _target_sweep(rows, normalizers, vocab, scale, lam, clip, DIVERGENCE: tl.con
     student_plogp = tl.zeros([BLOCK_V], tl.float32)
     belief_shift = tl.zeros([BLOCK_V], tl.float32)
     clipped_mass = tl.zeros([BLOCK_V], tl.float32)
-    target_qz = tl.zeros([BLOCK_V], tl.float32)
+    target_centered_z = tl.zeros([BLOCK_V], tl.float32)
+    infinite_forward = tl.zeros([BLOCK_V], tl.int32)  # forward KL's flag of allowed_where_forbidden
     for start in range(0, vocab, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         log_student, log_partial, log_full, z = _block_log_probs(
             rows, normalizers, cols, cols < vocab, scale, lam, clip, "evict_last")
+        previous_max, previous_sum = z_max, z_sum
         z_max, z_sum, decay, grew = online_logsumexp_update(z_max, z_sum, z, 1.0)
+        z_centered = tl.where(z == NEG_INF, 0.0, z - z_max)  # q = 0 where z = -inf
         if DIVERGENCE == REVERSE_KL:
             student_prob = tl.exp2(log_student)
-            if EXACT_DIVERGENCE:
-                exact_gap_total += weighted_term(student_prob.to(tl.float64), (log_student - z).to(tl.float64))
+            infinite = allowed_where_forbidden(log_student, z)
+            if WRITE_GRAD:
+                exact_gap_total += kl_term(student_prob.to(tl.float64), (log_student - z).to(tl.float64), infinite)
                 exact_student_mass += student_prob.to(tl.float64)
             else:
-                divergence_total += weighted_term(student_prob, log_student - z)
+                divergence_total += kl_term(student_prob, log_student - z, infinite)
         if DIVERGENCE == FORWARD_KL:
-            z_minus_student = tl.where(z == NEG_INF, 0.0, z - log_student)  # q = 0 there
-            divergence_total = online_weighted_update(divergence_total, z_minus_student, decay, grew)
+            # 0 where ls = -inf too: the flag carries that infinity (the weight may be 0)
+            z_minus_student = tl.where(log_student == NEG_INF, 0.0, z_centered - log_student)
+            divergence_total = online_centered_update(divergence_total, z_minus_student, previous_max, previous_sum,
+                                                      z_max, decay, grew)
+            infinite_forward |= allowed_where_forbidden(z, log_student).to(tl.int32)
         if WITH_DIAGNOSTICS:
             student_plogp += weighted_term(tl.exp2(log_student), log_student)
             full_prob = tl.exp2(log_full)
             shift = log_full - log_partial
-            belief_shift += weighted_term(full_prob, shift)
+            belief_shift += kl_term(full_prob, shift, allowed_where_forbidden(log_full, log_partial))
             clipped_mass += tl.where(tl.abs(shift) > clip, full_prob, 0.0)
-            target_qz = online_weighted_update(target_qz, tl.where(z == NEG_INF, 0.0, z), decay, grew)
+            target_centered_z = online_centered_update(target_centered_z, z_centered, previous_max, previous_sum,
+                                                       z_max, decay, grew)
     lane_weight, z_row_max, z_row_sum = lane_weights(z_max, z_sum, 1.0)
     target_normalizer = (z_row_max, tl.log2(z_row_sum))
-    lse_z = z_row_max + target_normalizer[1]
     divergence = 0.0
     student_gap = 0.0
     if DIVERGENCE == REVERSE_KL:
-        if EXACT_DIVERGENCE:
+        if WRITE_GRAD:
             student_gap = tl.sum(exact_gap_total, 0) / tl.sum(exact_student_mass, 0)
         else:
             student_gap = tl.sum(divergence_total, 0)
-        divergence = student_gap + lse_z
+        divergence = (student_gap + z_row_max) + target_normalizer[1]  # lse_z, never rounded as a whole
     if DIVERGENCE == FORWARD_KL:
-        divergence = tl.sum(divergence_total * lane_weight, 0) / z_row_sum - lse_z
+        divergence = centered_row_mean(divergence_total, z_max, z_sum, lane_weight, z_row_max, z_row_sum)
+        divergence = infinite_if(divergence - target_normalizer[1], infinite_forward)
     diagnostics = (0.0, 0.0, 0.0, 0.0)
     if WITH_DIAGNOSTICS:
-        target_entropy = lse_z - tl.sum(target_qz * lane_weight, 0) / z_row_sum
+        target_entropy = target_normalizer[1] - centered_row_mean(target_centered_z, z_max, z_sum, lane_weight,
+                                                                  z_row_max, z_row_sum)
         diagnostics = (tl.sum(belief_shift, 0) * LN_2, tl.sum(clipped_mass, 0),
                        -tl.sum(student_plogp, 0) * LN_2, target_entropy * LN_2)
     return target_normalizer, divergence, student_gap, diagnostics
@@ -263,10 +281,10 @@ def anchored_residual_rows_kernel(
     full_stride_b, full_stride_t, grad_stride_b, grad_stride_t,
     lam, clip, beta,
     DIVERGENCE: tl.constexpr, WITH_DIAGNOSTICS: tl.constexpr, WRITE_GRAD: tl.constexpr,
-    EXACT_DIVERGENCE: tl.constexpr, BLOCK_V: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     """One program per row of the per-row contract (aropd_kernels/backends.py); ``clip`` is in base 2;
-    ``EXACT_DIVERGENCE`` sums reverse KL in float64 (set for float32 gradients, see _target_sweep).
+    with ``WRITE_GRAD`` reverse KL is summed in float64 (see _target_sweep).
 
     Writes ``row_loss[row]`` = D (nats), ``diagnostics[k, row]`` when ``WITH_DIAGNOSTICS``, and the
     scaled gradient row when ``WRITE_GRAD``. Row offsets are 64-bit so that N·V >= 2^31 works.
@@ -283,7 +301,7 @@ def anchored_residual_rows_kernel(
         scale = (1.0 / temperature) * LOG2_E
         normalizers = _log_normalizers(rows[0], rows[1], rows[2], vocab, scale, BLOCK_V)
         target_normalizer, divergence, student_gap, diagnostics = _target_sweep(
-            rows, normalizers, vocab, scale, lam, clip, DIVERGENCE, WITH_DIAGNOSTICS, EXACT_DIVERGENCE, BLOCK_V)
+            rows, normalizers, vocab, scale, lam, clip, DIVERGENCE, WITH_DIAGNOSTICS, WRITE_GRAD, BLOCK_V)
         kl_student_mixture = 0.0
         if DIVERGENCE == JSD:
             kl_target_mixture, kl_student_mixture = _jsd_sweep(

@@ -23,11 +23,21 @@ LANES_PER_WARP = 128
 
 # Fused multiply-adds are on explicitly (Triton 3.10 changes the default); they only round less.
 ENABLE_FP_FUSION = True
+# In the widest block ptxas, left to itself, trades registers for occupancy: with Triton 3.7.1's code it
+# held 33 of the 120 specializations at 80 registers (three blocks of 256 threads per SM) and spilled
+# 8 bytes in three of them. An explicit limit at the hardware's maximum turns that trade off; the
+# narrower blocks never spilled and keep ptxas's own choice.
+WIDEST_BLOCK_MAX_REGISTERS = 255
 
 
 class LaunchConfig(NamedTuple):
     block_v: int
     num_warps: int
+
+    def compile_options(self) -> dict:
+        """The launch's compile options, which the compile report compiles with too."""
+        max_registers = WIDEST_BLOCK_MAX_REGISTERS if self.block_v == MAX_BLOCK_V else None
+        return {"num_warps": self.num_warps, "enable_fp_fusion": ENABLE_FP_FUSION, "maxnreg": max_registers}
 
 
 def launch_config(vocab: int) -> LaunchConfig:
@@ -53,13 +63,6 @@ def divergence_kind(beta: float) -> int:
     if beta == 0.0:
         return FORWARD_KL.value
     return JSD.value
-
-
-def exact_divergence(divergence: int, grad_dtype: torch.dtype | None) -> bool:
-    """The kernel's ``EXACT_DIVERGENCE``: reverse KL sums its divergence in float64 for a float32
-    gradient, whose confident tokens show float32 rounding of D (a half-precision one cannot hold
-    it). ``grad_dtype`` is None when no gradient is written."""
-    return divergence == REVERSE_KL.value and grad_dtype == torch.float32
 
 
 def compute_rows(
@@ -103,7 +106,6 @@ def compute_rows(
             *(grad_out.stride()[:2] if write_grad else student.stride()[:2]),
             lam, clip * math.log2(math.e), beta,
             DIVERGENCE=divergence, WITH_DIAGNOSTICS=with_diagnostics, WRITE_GRAD=write_grad,
-            EXACT_DIVERGENCE=exact_divergence(divergence, grad_out.dtype if write_grad else None),
-            BLOCK_V=config.block_v, num_warps=config.num_warps, enable_fp_fusion=ENABLE_FP_FUSION,
+            BLOCK_V=config.block_v, **config.compile_options(),
         )
     return RowResult(row_loss, diagnostics)

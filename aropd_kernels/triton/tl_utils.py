@@ -23,7 +23,7 @@ def online_logsumexp_update(running_max, running_sum, x, scale):
     and only the small difference is scaled; see :func:`log2_probs`). Returns the new pair and
     ``(decay, grew)``: where ``grew`` the old sum was rescaled by ``decay`` and ``x`` enters with
     weight 1, elsewhere ``x`` enters with weight ``decay``. Callers keeping a running exp2-weighted
-    sum of another value reuse them instead of exponentiating again.
+    sum of another value reuse them instead of exponentiating again (:func:`online_centered_update`).
     """
     new_max = tl.maximum(running_max, x, propagate_nan=ALL_NAN)
     smaller = tl.minimum(running_max, x, propagate_nan=ALL_NAN)
@@ -35,9 +35,23 @@ def online_logsumexp_update(running_max, running_sum, x, scale):
 
 
 @triton.jit
-def online_weighted_update(running_total, value, decay, grew):
-    """Running sum of ``exp2((x - max) * scale) * value`` kept alongside :func:`online_logsumexp_update`."""
-    return tl.where(grew, running_total * decay + value, running_total + decay * value)
+def online_centered_update(running_total, centered_value, old_max, old_sum, new_max, decay, grew):
+    """Running sum of ``exp2(x - max) * value`` for a value centered on the lane's running max of x
+    (such as ``x - max``), kept alongside :func:`online_logsumexp_update` (``old_*`` its inputs,
+    ``new_max``, ``decay`` and ``grew`` its outputs). Where the max grows, every value moves by
+    ``old_max - new_max`` and the old total with them. Centered, a value near the max keeps its
+    precision however far the max is from 0: a running sum of ``exp2(x - max) * x`` is rounded at the
+    ulp of x, which at x = -1000 is larger than a small entropy or divergence."""
+    moved = running_total + tl.where(old_sum == 0.0, 0.0, (old_max - new_max) * old_sum)
+    return tl.where(grew, moved * decay + centered_value, running_total + decay * centered_value)
+
+
+@triton.jit
+def centered_row_mean(lane_total, lane_max, lane_sum, lane_weight, row_max, row_sum):
+    """Row mean of a value from per-lane :func:`online_centered_update` totals, centered on the row's
+    max (``lane_weight``, ``row_max``, ``row_sum`` from :func:`lane_weights`)."""
+    moved = lane_total + tl.where(lane_sum == 0.0, 0.0, (lane_max - row_max) * lane_sum)
+    return tl.sum(moved * lane_weight, 0) / row_sum
 
 
 @triton.jit
@@ -80,6 +94,28 @@ def target_logit(log_partial, log_full, lam, clip):
     forbidden = tl.where(lam > 0, NEG_INF, 0.0)
     scaled = tl.where(residual == NEG_INF, forbidden, lam * residual)
     return log_partial + scaled
+
+
+@triton.jit
+def allowed_where_forbidden(log_allowing, log_forbidding):
+    """True where one distribution allows a token (log-probability > -inf) that the other forbids:
+    KL(allowing || forbidding) is then +inf, however far the allowing probability underflows."""
+    return (log_allowing > NEG_INF) & (log_forbidding == NEG_INF)
+
+
+@triton.jit
+def infinite_if(total, lane_flags):
+    """+inf when any lane's (int32) :func:`allowed_where_forbidden` flag is set, else ``total``; NaN
+    stays NaN. For a running sum that is rescaled, where an infinite term would become NaN."""
+    return tl.where((tl.max(lane_flags, 0) > 0) & (total == total), float("inf"), total)
+
+
+@triton.jit
+def kl_term(weight, log_ratio, infinite):
+    """A term ``weight * log_ratio`` of a KL divergence for a plain running sum: 0 where the weight is
+    exactly 0, +inf where ``infinite`` (:func:`allowed_where_forbidden`) however far the weight
+    underflowed, NaN where either is NaN."""
+    return tl.where(infinite, float("inf"), weighted_term(weight, log_ratio))
 
 
 @triton.jit

@@ -1,11 +1,11 @@
 """Make Triton's CPU interpreter round float32 -> bfloat16 to nearest even, as the GPU does.
 
-Under TRITON_INTERPRET=1, Triton 3.9 converts float32 to bfloat16 by dropping the low 16 bits
-(round toward zero), while compiled kernels use ``cvt.rn.bf16.f32`` (round to nearest even). A
-bfloat16 gradient from the interpreter would then be up to one unit in the last place off instead
-of half of one, and fail the gradient rule of SPEC §4 for reasons the GPU never shows. This module
-patches the interpreter's float truncation for that one conversion; it is applied only when the
-interpreter is on, and it changes nothing else.
+Under TRITON_INTERPRET=1, Triton (3.7.1 and 3.9.0 alike) converts float32 to bfloat16 by dropping
+the low 16 bits (round toward zero), while compiled kernels use ``cvt.rn.bf16.f32`` (round to
+nearest even). A bfloat16 gradient from the interpreter would then be up to one unit in the last
+place off instead of half of one, and fail the gradient rule (docs/api.md) for reasons the GPU never
+shows. ``tests/conftest.py`` installs this patch of the interpreter's float truncation, for that one
+conversion, when the interpreter is on; the package itself never changes Triton.
 """
 
 from __future__ import annotations

@@ -156,14 +156,15 @@ def shard_target_sums(student, partial, full, row_temperature, active, normalize
     log_student = log_probs[0]
     z = _target_logits(log_probs, lam, clip)
     z_max = z.amax(-1)
-    weight = torch.exp(z - _safe_max(z))
+    centered = z - _safe_max(z)
+    weight = torch.exp(centered)
     p = log_student.exp()
     sums = torch.zeros(shards.N_TARGET_SUMS, rows.indices.shape[0], dtype=torch.float64, device=student.device)
     sums[shards.Z_MAX] = z_max
     sums[shards.Z_LOG_SUM] = torch.log(weight.sum(-1))
     kind = shards.divergence_kind(beta)
     if kind == shards.FORWARD_KL:
-        sums[shards.WEIGHTED_TARGET_GAP] = _xlogy_where(weight, z - log_student).sum(-1)
+        sums[shards.WEIGHTED_TARGET_GAP] = _xlogy_where(weight.double(), (centered - log_student).double()).sum(-1)
         sums[shards.INFINITE_DIVERGENCE] = _allowed_where_forbidden(z, log_student)
     if kind == shards.REVERSE_KL:
         # products of the (float32) p and ls - z are exact in float64: D is what the rounded terms say
@@ -171,7 +172,7 @@ def shard_target_sums(student, partial, full, row_temperature, active, normalize
         sums[shards.STUDENT_MASS] = p.double().sum(-1)
         sums[shards.INFINITE_DIVERGENCE] = _allowed_where_forbidden(log_student, z)
     if with_diagnostics:
-        sums[shards.WEIGHTED_TARGET_LOGIT] = _xlogy_where(weight, z).sum(-1)
+        sums[shards.WEIGHTED_TARGET_LOGIT] = _xlogy_where(weight.double(), centered.double()).sum(-1)
         sums[shards.STUDENT_LOG_STUDENT] = _xlogy_where(p, log_student).sum(-1)
         sums[shards.STUDENT_TOKEN] = _at_labels(log_student, labels, rows)
         sums[shards.TARGET_TOKEN_LOGIT] = _at_labels(z, labels, rows)
@@ -189,8 +190,9 @@ def _student_and_target(rows: _Rows, normalizers, terms, lam, clip) -> tuple[tor
     """(ls, z, lq) of the active rows, lq from the whole row's target log-normalizer."""
     log_probs = _log_probs(rows, normalizers)
     z = _target_logits(log_probs, lam, clip)
-    lse_target = terms[shards.LSE_TARGET].index_select(0, rows.indices).to(z.dtype).unsqueeze(-1)
-    return log_probs[0], z, z - lse_target
+    lse_target = terms[shards.LSE_TARGET].index_select(0, rows.indices).unsqueeze(-1)
+    # subtracted in float64 and rounded once: z and lse_target may both sit near -1e3 (a low temperature)
+    return log_probs[0], z, (z.to(lse_target.dtype) - lse_target).to(z.dtype)
 
 
 def _log_mixture(log_student, log_target, beta: float) -> torch.Tensor:

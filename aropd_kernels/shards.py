@@ -41,11 +41,13 @@ from .backends import N_DIAGNOSTICS, RowResult
 # rows of the normalizers' second dimension
 MAX, LOG_SUM = 0, 1
 
-# rows of shard_target_sums; "weighted" sums carry weights exp(z - Z_MAX) of the shard's own Z_MAX
+# rows of shard_target_sums; "weighted" sums carry weights exp(z - Z_MAX) of the shard's own Z_MAX and
+# are centered on it too: z itself may sit near -1e3 (a low temperature), where a sum of z, rounded at
+# z's ulp, would cancel against log sum exp(z) in the entropy and in forward KL
 Z_MAX = 0  # max of z over the shard
 Z_LOG_SUM = 1  # log sum exp(z - Z_MAX)
-WEIGHTED_TARGET_GAP = 2  # sum exp(z - Z_MAX) (z - ls): forward KL
-WEIGHTED_TARGET_LOGIT = 3  # sum exp(z - Z_MAX) z: target entropy
+WEIGHTED_TARGET_GAP = 2  # sum exp(z - Z_MAX) (z - Z_MAX - ls): forward KL
+WEIGHTED_TARGET_LOGIT = 3  # sum exp(z - Z_MAX) (z - Z_MAX): target entropy
 STUDENT_GAP = 4  # sum p (ls - z): reverse KL
 STUDENT_MASS = 5  # sum p
 BELIEF_SHIFT = 6  # sum q_F (lf - la)
@@ -109,9 +111,12 @@ def combine_target_sums(gathered: torch.Tensor) -> torch.Tensor:
     factor = _shifted_exp(z_max, z_max, row_z_max.unsqueeze(0), 1.0)
     combined = torch.empty_like(gathered[0])
     combined[Z_MAX] = row_z_max
-    combined[Z_LOG_SUM] = torch.log((torch.exp(gathered[:, Z_LOG_SUM]) * factor).sum(0))
+    masses = torch.exp(gathered[:, Z_LOG_SUM]) * factor
+    combined[Z_LOG_SUM] = torch.log(masses.sum(0))
+    # re-centering on the row's max: each shard's sum gains (its max - the row's max) per unit of mass
+    recentering = torch.where(factor > 0, masses * (z_max - row_z_max.unsqueeze(0)), torch.zeros_like(masses))
     for row in _WEIGHTED:
-        combined[row] = (gathered[:, row] * factor).sum(0)
+        combined[row] = (gathered[:, row] * factor + recentering).sum(0)
     for row in _SUMMED:
         combined[row] = gathered[:, row].sum(0)
     for row in _FLAGS:
@@ -131,14 +136,15 @@ def finish_target(sums: torch.Tensor, beta: float, *, one_teacher: bool,
     that do not apply (the teachers' shift for one teacher, the label's log-probabilities without
     labels) are 0."""
     lse_target = sums[Z_MAX] + sums[Z_LOG_SUM]
-    target_mass = torch.exp(sums[Z_LOG_SUM])
+    target_mass = torch.exp(sums[Z_LOG_SUM])  # the weighted sums are centered on Z_MAX: lse_target - Z_MAX
+    # is Z_LOG_SUM, and no value of z's size enters a difference
     kind = divergence_kind(beta)
     mean_gap = sums[STUDENT_GAP] / sums[STUDENT_MASS]
     if kind == REVERSE_KL:
         mean_gap = _infinite_where(sums[INFINITE_DIVERGENCE], mean_gap)
         divergence = mean_gap + lse_target
     elif kind == FORWARD_KL:
-        divergence = _infinite_where(sums[INFINITE_DIVERGENCE], sums[WEIGHTED_TARGET_GAP] / target_mass - lse_target)
+        divergence = _infinite_where(sums[INFINITE_DIVERGENCE], sums[WEIGHTED_TARGET_GAP] / target_mass - sums[Z_LOG_SUM])
     else:
         divergence = torch.full_like(lse_target, torch.nan)
     diagnostics = torch.zeros(N_DIAGNOSTICS, sums.shape[1], dtype=sums.dtype, device=sums.device)
@@ -146,7 +152,7 @@ def finish_target(sums: torch.Tensor, beta: float, *, one_teacher: bool,
         diagnostics[0] = _infinite_where(sums[INFINITE_SHIFT], sums[BELIEF_SHIFT])
         diagnostics[1] = sums[CLIPPED_MASS]
     diagnostics[2] = -sums[STUDENT_LOG_STUDENT]
-    diagnostics[3] = lse_target - sums[WEIGHTED_TARGET_LOGIT] / target_mass
+    diagnostics[3] = sums[Z_LOG_SUM] - sums[WEIGHTED_TARGET_LOGIT] / target_mass
     if with_labels:
         diagnostics[4] = sums[STUDENT_TOKEN]
         diagnostics[5] = sums[TARGET_TOKEN_LOGIT] - lse_target

@@ -87,7 +87,7 @@ FinishedTarget finish_target(const TargetSums& sums, Divergence kind, bool one_t
     finished.divergence = mean_gap + lse_target;
   } else if (kind == Divergence::kForwardKL) {
     finished.divergence =
-        infinite_where(sums.infinite_divergence, sums.weighted_target_gap / target_mass - lse_target);
+        infinite_where(sums.infinite_divergence, sums.weighted_target_gap / target_mass - sums.z_log_sum);
   } else {
     finished.divergence = NAN;
   }
@@ -96,7 +96,7 @@ FinishedTarget finish_target(const TargetSums& sums, Divergence kind, bool one_t
     finished.diagnostics[1] = sums.clipped_mass;
   }
   finished.diagnostics[2] = -sums.student_log_student;
-  finished.diagnostics[3] = lse_target - sums.weighted_target_logit / target_mass;
+  finished.diagnostics[3] = sums.z_log_sum - sums.weighted_target_logit / target_mass;
   if (label_inside) {
     finished.diagnostics[4] = sums.student_token;
     finished.diagnostics[5] = sums.target_token_logit - lse_target;

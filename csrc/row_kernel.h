@@ -32,11 +32,12 @@ struct RowsView {
 };
 
 // Per row, the sums of the target pass over the columns of one call (the whole row, or a vocabulary
-// shard's), in the units of shards.py: natural logs; "weighted" sums carry weights exp(z - z_max).
+// shard's), in the units of shards.py: natural logs; "weighted" sums carry weights exp(z - z_max)
+// and are centered on z_max (see target_pass).
 struct TargetSums {
   double z_max, z_log_sum;        // max of z; log sum exp(z - z_max)
-  double weighted_target_gap;     // sum exp(z - z_max) (z - ls): forward KL
-  double weighted_target_logit;   // sum exp(z - z_max) z: target entropy
+  double weighted_target_gap;     // sum exp(z - z_max) (z - z_max - ls): forward KL
+  double weighted_target_logit;   // sum exp(z - z_max) (z - z_max): target entropy
   double student_gap;             // sum p (ls - z): reverse KL
   double student_mass;            // sum p
   double belief_shift;            // sum q_F (lf - la)

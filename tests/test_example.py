@@ -273,6 +273,9 @@ def test_fused_linear_step_is_the_logits_step(loop_step, backend):
     loss.backward()
     assert_loss_close(loss.detach().reshape(1), expected_loss.reshape(1).double(), "loss")
     for name, actual, expected in zip(diagnostics._fields, diagnostics, expected_diagnostics):
+        if actual is None:  # the fused call is given no labels: no token log-probabilities
+            assert name in ("student_token_logprob", "target_token_logprob"), name
+            continue
         assert_loss_close(actual, expected.double(), name)
     for name, param in student.named_parameters():
         scale = expected_grads[name].abs().max().item()

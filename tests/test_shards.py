@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from aropd_kernels import reference, shards
 from conftest import assert_grad_close, assert_loss_close, backends_under_test, gold, gold_token_logprobs
-from strategies import problems
+from strategies import Problem, problems
 
 
 def stage_backends() -> list[str]:
@@ -97,6 +97,21 @@ def test_shards_reproduce_the_whole_vocabulary(backend, problem, n_shards, one_t
     cuts = sorted(data.draw(st.lists(st.integers(1, vocab - 1), min_size=n_shards - 1, max_size=n_shards - 1,
                                      unique=True))) if n_shards > 1 else []
     check_shards_against_gold(backend, problem, [0, *cuts, vocab], one_teacher)
+
+
+@pytest.mark.parametrize("backend", stage_backends())
+@pytest.mark.parametrize("beta", [1.0, 0.0, 0.5])
+def test_shards_keep_the_precision_of_a_target_far_below_zero(backend, beta):
+    """At T = 0.05 the target's mass sits on tokens with z near -1200 (the anchor forbids the full
+    teacher's top token): each shard's weighted sums must stay centered on its own max of z, and their
+    combination re-centered on the row's, or the entropy and forward KL cancel at z's ulp."""
+    generator = torch.Generator().manual_seed(11)
+    student, partial, full = (torch.randn(2, 300, generator=generator) for _ in range(3))
+    full -= 60.0
+    full[:, 0], partial[:, 0] = 0.0, -math.inf
+    problem = Problem(student, partial, full, lam=1.0, clip=math.inf, beta=beta, temperature=0.05, mask=None,
+                      weights=None)
+    check_shards_against_gold(backend, problem, [0, 100, 300], one_teacher=False)
 
 
 def check_shards_against_gold(backend, problem, boundaries, one_teacher):

@@ -8,6 +8,7 @@ outputs and passes them on. When the module was not built, :func:`available` is 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -86,17 +87,71 @@ def _view(tensor: torch.Tensor | None, name: str, shape: torch.Size) -> tuple[in
     return (tensor.data_ptr(), _dtype_code(tensor, name), tensor.stride(0), tensor.stride(1))
 
 
-def _per_row(tensor: torch.Tensor, name: str, dtype: torch.dtype, n_rows: int) -> torch.Tensor:
-    if tensor.dtype != dtype or tensor.shape != (n_rows,) or tensor.device.type != "cpu":
-        raise ValueError(f"native backend: {name} must be a CPU {dtype} tensor of shape ({n_rows},), "
+def _per_row(tensor: torch.Tensor, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    if tensor.dtype != dtype or tuple(tensor.shape) != shape or tensor.device.type != "cpu":
+        raise ValueError(f"native backend: {name} must be a CPU {dtype} tensor of shape {shape}, "
                          f"got {tensor.dtype} {tuple(tensor.shape)} on {tensor.device}.")
     return tensor.contiguous()
+
+
+def _address(tensor: torch.Tensor | None) -> int:
+    return 0 if tensor is None else tensor.data_ptr()
+
+
+class _Rows:
+    """The checked inputs of one call: the row views and the per-row tensors every stage takes."""
+
+    def __init__(self, student, partial, full, row_temperature, active):
+        self.module = _module()
+        if student.dim() != 3:
+            raise ValueError(f"native backend: student must be a [B, T, V] view, got shape {tuple(student.shape)}.")
+        n_batch, self.seq, self.vocab = student.shape
+        self.n_rows = n_batch * self.seq
+        self.student = student
+        self.n_inputs = 2 if full is None else 3
+        self.views = [_view(t, name, student.shape)
+                      for t, name in ((student, "student"), (partial, "partial"), (full, "full"))]
+        self.temperature = _per_row(row_temperature, "row_temperature", torch.float32, (self.n_rows,))
+        self.active = _per_row(active, "active", torch.bool, (self.n_rows,))
+
+    def labels(self, labels: torch.Tensor | None) -> torch.Tensor | None:
+        return None if labels is None else _per_row(labels, "labels", torch.int64, (self.n_rows,))
+
+    def normalizers(self, normalizers: torch.Tensor) -> torch.Tensor:
+        return _per_row(normalizers, "normalizers", torch.float32, (self.n_inputs, 2, self.n_rows))
+
+    def terms(self, terms: torch.Tensor) -> torch.Tensor:
+        return _per_row(terms, "terms", torch.float64, (len(self.module.TERM_ROWS), self.n_rows))
+
+    def gradient(self, grad_scale: torch.Tensor | None, grad_out: torch.Tensor | None) -> torch.Tensor | None:
+        """The checked grad_scale, for a gradient into grad_out (both None: no gradient)."""
+        if (grad_scale is None) != (grad_out is None):
+            raise ValueError("native backend: grad_scale and grad_out are given together or not at all.")
+        if grad_out is None:
+            return None
+        if grad_out.dtype not in (self.student.dtype, torch.float32):
+            raise TypeError(f"native backend: grad_out must be float32 or the student's dtype {self.student.dtype}, "
+                            f"got {grad_out.dtype}.")
+        _view(grad_out, "grad_out", self.student.shape)
+        return _per_row(grad_scale, "grad_scale", torch.float32, (self.n_rows,))
+
+    def run(self, stage: str, *, grad_scale=None, grad_out=None, labels=None, with_diagnostics=False, row_loss=None,
+            diagnostics=None, normalizers=None, target_sums=None, terms=None, mixture_sums=None, lam=0.0,
+            clip=math.inf, beta=1.0) -> None:
+        if self.n_rows == 0:
+            return
+        self.module.run_rows(
+            self.module.STAGES[stage], *self.views, _view(grad_out, "grad_out", self.student.shape),
+            self.n_rows, self.seq, self.vocab, self.temperature.data_ptr(), self.active.data_ptr(), _address(grad_scale),
+            _address(labels), with_diagnostics, _address(row_loss), _address(diagnostics), _address(normalizers),
+            _address(target_sums), _address(terms), _address(mixture_sums), float(lam), float(clip), float(beta),
+            torch.get_num_threads())
 
 
 def compute_rows(
     student: torch.Tensor,
     partial: torch.Tensor,
-    full: torch.Tensor,
+    full: torch.Tensor | None,
     row_temperature: torch.Tensor,
     active: torch.Tensor,
     grad_scale: torch.Tensor | None,
@@ -108,33 +163,57 @@ def compute_rows(
     with_diagnostics: bool,
     labels: torch.Tensor | None = None,
 ) -> RowResult:
-    """The per-row contract of :func:`aropd_kernels.backends.compute_rows`, in C++ with OpenMP."""
-    if full is None or labels is not None:
-        raise NotImplementedError("one teacher and token log-probabilities: not yet in this backend")
-    module = _module()
-    if student.dim() != 3:
-        raise ValueError(f"native backend: student must be a [B, T, V] view, got shape {tuple(student.shape)}.")
-    n_batch, seq, vocab = student.shape
-    n_rows = n_batch * seq
-    views = [_view(t, n, student.shape) for t, n in ((student, "student"), (partial, "partial"), (full, "full"))]
-    temperature = _per_row(row_temperature, "row_temperature", torch.float32, n_rows)
-    active = _per_row(active, "active", torch.bool, n_rows)
-    row_loss = torch.empty(n_rows, dtype=torch.float32)
-    diagnostics = torch.zeros(N_DIAGNOSTICS, n_rows, dtype=torch.float32) if with_diagnostics else None
-    if (grad_scale is None) != (grad_out is None):
-        raise ValueError("native backend: grad_scale and grad_out are given together or not at all.")
-    if grad_out is not None:
-        if grad_out.dtype not in (student.dtype, torch.float32):
-            raise TypeError(f"native backend: grad_out must be float32 or the student's dtype {student.dtype}, "
-                            f"got {grad_out.dtype}.")
-        grad_scale = _per_row(grad_scale, "grad_scale", torch.float32, n_rows)
-    grad_view = _view(grad_out, "grad_out", student.shape)
-    if n_rows == 0:
-        return RowResult(row_loss, diagnostics)
-    module.compute_rows(
-        *views, grad_view, n_rows, seq, vocab,
-        temperature.data_ptr(), active.data_ptr(), 0 if grad_scale is None else grad_scale.data_ptr(),
-        row_loss.data_ptr(), 0 if diagnostics is None else diagnostics.data_ptr(),
-        float(lam), float(clip), float(beta), torch.get_num_threads(),
-    )
+    """The per-row contract of :func:`aropd_kernels.backends.compute_rows`, in C++ with OpenMP: every
+    pass of a row in one call, its normalizers and sums kept in the row."""
+    rows = _Rows(student, partial, full, row_temperature, active)
+    grad_scale = rows.gradient(grad_scale, grad_out)
+    row_loss = torch.empty(rows.n_rows, dtype=torch.float32)
+    diagnostics = torch.empty(N_DIAGNOSTICS, rows.n_rows, dtype=torch.float32) if with_diagnostics else None
+    rows.run("fused", grad_scale=grad_scale, grad_out=grad_out, labels=rows.labels(labels),
+             with_diagnostics=with_diagnostics, row_loss=row_loss, diagnostics=diagnostics, lam=lam, clip=clip,
+             beta=beta)
     return RowResult(row_loss, diagnostics)
+
+
+# --- the shard stages of aropd_kernels.shards, over the same passes -----------------------------------
+
+
+def shard_normalizers(student, partial, full, row_temperature, active) -> torch.Tensor:
+    """Per input, the raw logits' max and log sum exp((x - max) / T) over this shard: float32
+    ``[n_inputs, 2, N]`` (see :mod:`aropd_kernels.shards`)."""
+    rows = _Rows(student, partial, full, row_temperature, active)
+    normalizers = torch.empty(rows.n_inputs, 2, rows.n_rows, dtype=torch.float32)
+    rows.run("normalizers", normalizers=normalizers)
+    return normalizers
+
+
+def shard_target_sums(student, partial, full, row_temperature, active, normalizers, labels, *, lam, clip, beta,
+                      with_diagnostics) -> torch.Tensor:
+    """The shard's sums of :mod:`aropd_kernels.shards` (rows named there), float64, given the combined
+    normalizers; ``labels`` are shard-local."""
+    rows = _Rows(student, partial, full, row_temperature, active)
+    target_sums = torch.empty(len(rows.module.TARGET_SUM_ROWS), rows.n_rows, dtype=torch.float64)
+    rows.run("target_sums", labels=rows.labels(labels), with_diagnostics=with_diagnostics,
+             normalizers=rows.normalizers(normalizers), target_sums=target_sums, lam=lam, clip=clip, beta=beta)
+    return target_sums
+
+
+def shard_mixture_sums(student, partial, full, row_temperature, active, normalizers, terms, *, lam, clip,
+                       beta) -> torch.Tensor:
+    """KL(q || m) and KL(p || m) over the shard's tokens (JSD, 0 < beta < 1), float64 ``[2, N]``."""
+    if not 0.0 < beta < 1.0:
+        raise ValueError(f"native backend: the mixture sums are JSD's (0 < beta < 1), got beta={beta}.")
+    rows = _Rows(student, partial, full, row_temperature, active)
+    mixture_sums = torch.empty(2, rows.n_rows, dtype=torch.float64)
+    rows.run("mixture_sums", normalizers=rows.normalizers(normalizers), terms=rows.terms(terms),
+             mixture_sums=mixture_sums, lam=lam, clip=clip, beta=beta)
+    return mixture_sums
+
+
+def shard_gradient(student, partial, full, row_temperature, active, normalizers, terms, grad_scale, grad_out, *,
+                   lam, clip, beta) -> None:
+    """Writes the shard's columns of grad_scale / T * dD/ds into ``grad_out`` (zeros at skipped rows)."""
+    rows = _Rows(student, partial, full, row_temperature, active)
+    grad_scale = rows.gradient(grad_scale, grad_out)
+    rows.run("gradient", grad_scale=grad_scale, grad_out=grad_out, normalizers=rows.normalizers(normalizers),
+             terms=rows.terms(terms), lam=lam, clip=clip, beta=beta)

@@ -1,15 +1,21 @@
 // Fused passes of SPEC §2 over one row at a time; OpenMP across rows.
 //
 // Reverse and forward KL take three sweeps over a row:
-//   1. normalizers: running max and sum of exp, per lane, for s/T, a/T and f/T together; the
-//      student's exps are kept, so that its probabilities cost no second exp;
+//   1. normalizers: running max and sum of exp((x - max) / T), per lane, for s, a and f together;
+//      the student's exps are kept, so that its probabilities cost no second exp;
 //   2. target: z = la + lam * clamp(lf - la, -c, c), its log-normalizer, the divergence and the
 //      diagnostics;
 //   3. gradient, written in the student's dtype.
 // JSD needs log q exactly inside log m, so its divergence sums take one sweep more (3) before the
-// gradient (4). Each sweep walks the row in blocks of kVectorsPerBlock vectors: the three inputs are
-// converted to float32 (already divided by T) into L1-resident buffers, and the math runs on vectors.
+// gradient (4). One teacher (full absent) is the same passes with kOneTeacher: they read two inputs,
+// z = la needs no normalizer of its own, and reverse KL without diagnostics sums D in sweep 1
+// (StudentTeacherGap), two sweeps in all. Each sweep walks the row in blocks of kVectorsPerBlock
+// vectors: the inputs are converted to float32 into L1-resident buffers, and the math runs on vectors.
 // Online softmax rescales once per block, so it costs one exp per element, not two.
+//
+// The same row function also runs the four stages of aropd_kernels/shards.py (Stage): each stage runs
+// the sweeps before its own over the shard's columns, takes the combined normalizers and terms of the
+// earlier stages in place of its own, and returns its sums where the fused path finishes them.
 //
 // The vector helpers (vector_math.inc) and the passes (row_passes.inc) are compiled once per
 // instruction set, each copy in its own namespace under `#pragma GCC target` and with vectors one
@@ -26,6 +32,8 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
@@ -58,9 +66,103 @@ struct Settings {
   float log_beta, log_one_minus_beta;  // JSD mixture weights, in log space
 };
 
+// +inf where flag is set, unless the value is NaN (NaN in an input is never hidden).
+double infinite_where(double flag, double value) { return flag > 0.0 && !std::isnan(value) ? INFINITY : value; }
+
+// The divergence, the diagnostics and the gradient's terms of a row from its sums over the whole
+// vocabulary: shards.finish_target, for the fused path whose sums never leave the row.
+struct FinishedTarget {
+  double divergence;  // NaN for JSD, whose divergence needs the mixture pass
+  double diagnostics[kNumDiagnostics];
+  Terms terms;
+};
+
+FinishedTarget finish_target(const TargetSums& sums, Divergence kind, bool one_teacher, bool label_inside) {
+  FinishedTarget finished{};
+  const double lse_target = sums.z_max + sums.z_log_sum;
+  const double target_mass = std::exp(sums.z_log_sum);
+  double mean_gap = sums.student_gap / sums.student_mass;
+  if (kind == Divergence::kReverseKL) {
+    mean_gap = infinite_where(sums.infinite_divergence, mean_gap);
+    finished.divergence = mean_gap + lse_target;
+  } else if (kind == Divergence::kForwardKL) {
+    finished.divergence =
+        infinite_where(sums.infinite_divergence, sums.weighted_target_gap / target_mass - sums.z_log_sum);
+  } else {
+    finished.divergence = NAN;
+  }
+  if (!one_teacher) {
+    finished.diagnostics[0] = infinite_where(sums.infinite_shift, sums.belief_shift);
+    finished.diagnostics[1] = sums.clipped_mass;
+  }
+  finished.diagnostics[2] = -sums.student_log_student;
+  finished.diagnostics[3] = sums.z_log_sum - sums.weighted_target_logit / target_mass;
+  if (label_inside) {
+    finished.diagnostics[4] = sums.student_token;
+    finished.diagnostics[5] = sums.target_token_logit - lse_target;
+  }
+  finished.terms = {lse_target, mean_gap, 0.0};
+  return finished;
+}
+
+// --- per-row inputs and outputs of the stages ([rows, N] arrays, row-major; see Problem) -------------
+
+// The row's label as a column of this call, or -1 when there is none or it lies outside [0, V).
+int64_t label_column(const Problem& problem, int64_t row) {
+  if (problem.labels == nullptr) return -1;
+  const int64_t label = problem.labels[row];
+  return label >= 0 && label < problem.vocab ? label : -1;
+}
+
+void store_row_result(const Problem& problem, int64_t row, const FinishedTarget& finished, bool with_diagnostics) {
+  problem.row_loss[row] = static_cast<float>(finished.divergence);
+  if (!with_diagnostics) return;
+  for (int k = 0; k < kNumDiagnostics; ++k) {
+    problem.diagnostics[k * problem.n_rows + row] = static_cast<float>(finished.diagnostics[k]);
+  }
+}
+
+void store_target_sums(const Problem& problem, int64_t row, const TargetSums& sums) {
+  for (int k = 0; k < kNumTargetSums; ++k) problem.target_sums[k * problem.n_rows + row] = sums.*kTargetSumRows[k].member;
+}
+
+Terms given_terms(const Problem& problem, int64_t row) {
+  Terms terms{};
+  for (int k = 0; k < kNumTerms; ++k) terms.*kTermRows[k].member = problem.terms[k * problem.n_rows + row];
+  return terms;
+}
+
+void store_mixture_sums(const Problem& problem, int64_t row, double target_to_mixture, double student_to_mixture) {
+  problem.mixture_sums[row] = target_to_mixture;
+  problem.mixture_sums[problem.n_rows + row] = student_to_mixture;
+}
+
+// Zeros in every per-row output of the problem's stage, for a skipped row (the gradient aside).
+void store_skipped_row(const Problem& problem, int64_t row) {
+  switch (problem.stage) {
+    case Stage::kFused:
+      store_row_result(problem, row, FinishedTarget{}, problem.with_diagnostics);
+      break;
+    case Stage::kNormalizers:
+      for (int k = 0; k < 2 * (problem.full.data == nullptr ? 2 : 3); ++k) {
+        problem.normalizers[k * problem.n_rows + row] = 0.0f;
+      }
+      break;
+    case Stage::kTargetSums:
+      store_target_sums(problem, row, TargetSums{});
+      break;
+    case Stage::kMixtureSums:
+      store_mixture_sums(problem, row, 0.0, 0.0);
+      break;
+    case Stage::kGradient:
+      break;
+  }
+}
+
 // Per-thread room for one row, kept between passes: the student's exps with one scale per block
 // (pass 1), from which its probabilities are formed, and the target logits z (pass 2; reverse KL
-// keeps ls - (z - m_b) instead, with the shift m_b of each block).
+// keeps ls - (z - m_b) instead, with the shift m_b of each block, and one teacher's reverse KL in
+// pass 1 the gap d of StudentTeacherGap, with its block shifts).
 struct RowBuffers {
   float* target;
   float* student_exps;

@@ -1,9 +1,12 @@
 """The native CPU kernel (csrc/, aropd_kernels/native.py) against the float64 gold and the reference.
 
-The hypothesis suite of test_properties.py already runs against backend="native" when it is built;
-this file adds what is specific to the C++ kernel: very large V, every input dtype and mixed dtypes,
-inplace_grad, 64-bit offsets, NaN and -inf handling, the dtype conversions, and the behaviour when the
-kernel is not built. Set AROPD_REQUIRE_NATIVE=1 (CI does) to make a missing build a failure.
+The hypothesis suites of test_properties.py, test_one_teacher.py and test_shards.py already run
+against backend="native" when it is built; this file adds what is specific to the C++ kernel: every
+test under each instruction-set copy, very large V, every input dtype and mixed dtypes, inplace_grad,
+64-bit offsets, NaN and -inf handling, the dtype conversions, the one-teacher variant's own pass 1
+(StudentTeacherGap), labels at the kernel's block boundaries, the shard stages' layouts, and the
+behaviour when the kernel is not built. Set AROPD_REQUIRE_NATIVE=1 (CI does) to make a missing build
+a failure.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ import pytest
 import torch
 from hypothesis import strategies as st
 
-from aropd_kernels import anchored_residual_kl, native, reference
-from conftest import fixed_and_random
-from strategies import problems
+from aropd_kernels import anchored_residual_kl, distillation_divergence, native, reference, shards
+from conftest import assert_grad_close, assert_loss_close, fixed_and_random, gold, gold_token_logprobs
+from strategies import Problem, problems
+from test_one_teacher import check_one_teacher_against_gold
 from test_properties import check_against_gold, confident_student_problem
+from test_shards import check_shards_against_gold
 
 built = pytest.mark.skipif(not native.available(), reason=f"native kernel not built: {native.unavailable_reason()}")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -282,3 +287,182 @@ def test_contract_checks_layout_and_dtypes():
     reference_loss = reference.compute_rows(good, good, good, grad_scale=None, grad_out=None, **rows).row_loss
     torch.testing.assert_close(native.compute_rows(good, good, good, grad_scale=None, grad_out=None, **rows).row_loss,
                                reference_loss)
+
+
+# --- one teacher ----------------------------------------------------------------------------------
+
+
+def _all_labels(problem: Problem, seed: int) -> torch.Tensor:
+    vocab = problem.student.shape[-1]
+    return torch.randint(0, vocab, problem.student.shape[:-1], generator=torch.Generator().manual_seed(seed))
+
+
+@built
+@fixed_and_random(problem=problems(), seed=st.integers(0, 2**31 - 1))
+def test_one_teacher_property_suite_under_each_instruction_set(problem, seed):
+    labels = torch.where(torch.rand(problem.student.shape[:-1], generator=torch.Generator().manual_seed(seed)) < 0.2,
+                         -100, _all_labels(problem, seed))
+    check_one_teacher_against_gold(problem, labels, "native")
+
+
+@built
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_one_teacher_confident_student_keeps_the_gradient_rule(dtype):
+    """The teacher pushes the student's confident token far down (reverse KL of 15 to 115 nats): a
+    float32 gradient takes the target pass (ExactStudentSums), a bfloat16 one StudentTeacherGap; with
+    diagnostics both take the target pass, and so does the gradient of the shard stages."""
+    for vocab in (3, 7, 64, 1000):
+        for seed in range(12):
+            problem = confident_student_problem(vocab, dtype, seed)
+            problem = problem._replace(partial=problem.full)
+            check_one_teacher_against_gold(problem, _all_labels(problem, seed), "native")
+            _check_one_teacher_gradient_with_diagnostics(problem)
+            check_shards_against_gold("native", problem, [0, vocab // 2, vocab] if vocab > 3 else [0, vocab], True)
+
+
+def _check_one_teacher_gradient_with_diagnostics(problem):
+    student = problem.student.detach().clone().requires_grad_(True)
+    loss, _ = distillation_divergence(student, problem.partial, temperature=problem.temperature, reduction="sum",
+                                      return_diagnostics=True, backend="native")
+    loss.backward()
+    flat = dict(student=problem.student.detach(), partial=problem.partial, full=problem.partial, lam=0.0, clip=math.inf,
+                beta=1.0, temperature=problem.temperature)
+    baseline = gold(**flat, dtype=torch.float32).grad.to(problem.student.dtype)
+    assert_grad_close(student.grad, gold(**flat).grad, baseline, 1.0 / problem.temperature)
+
+
+def _ramp(rows, vocab, height, generator, dtype):
+    """Logits whose maxima climb block after block (by height over the row), plus noise."""
+    return (torch.linspace(0.0, height, vocab) + torch.randn(rows, vocab, generator=generator) * 3).to(dtype)
+
+
+@built
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("student_offset, teacher_offset", [(0.0, 0.0), (1000.0, -1000.0), (-600.0, 900.0)])
+@pytest.mark.parametrize("climbs", [(0.0, 0.0), (200.0, 0.0), (0.0, 200.0), (150.0, -150.0)])
+def test_one_teacher_reverse_kl_with_far_apart_and_moving_maxima(dtype, student_offset, teacher_offset, climbs):
+    """StudentTeacherGap takes the gap from each lane's running maxima and carries its sum when they
+    move: logits far apart (offsets of the two inputs) and maxima that climb across blocks (ramps of
+    either input), for the loss alone and with the gradient."""
+    generator = torch.Generator().manual_seed(int(student_offset) + int(climbs[0]) + 7 * int(climbs[1]))
+    rows, vocab = 3, 1500
+    student = _ramp(rows, vocab, climbs[0], generator, torch.float32) + student_offset
+    teacher = _ramp(rows, vocab, climbs[1], generator, torch.float32) + teacher_offset
+    problem = Problem(student.to(dtype), teacher.to(dtype), teacher.to(dtype), lam=0.0, clip=math.inf, beta=1.0,
+                      temperature=0.8, mask=None, weights=None)
+    check_one_teacher_against_gold(problem, _all_labels(problem, 0), "native")
+    loss_only = distillation_divergence(problem.student, problem.partial, temperature=0.8, reduction="none",
+                                        backend="native")
+    expected = gold(problem.student, problem.partial, problem.partial, lam=0.0, clip=math.inf, beta=1.0,
+                    temperature=0.8)
+    assert_loss_close(loss_only, expected.loss, "loss without the gradient")
+
+
+@built
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("beta", [1.0, 0.0, 0.5])
+def test_one_teacher_negative_infinity_padding_and_forbidden_tokens(dtype, beta):
+    generator = torch.Generator().manual_seed(9)
+    vocab, padding = 1037, 13
+    student, teacher, _ = _rows(4, vocab, generator, dtype)
+    for tensor in (student, teacher):
+        tensor[:, vocab - padding:] = -math.inf
+    teacher[0, 3] = -math.inf  # the target forbids a token the student allows: reverse KL is +inf
+    student[1, 5] = -math.inf  # the student forbids a token the target allows: forward KL is +inf
+    student[2, :600] = -math.inf  # the student's first blocks carry no mass
+    teacher[3, :600] = -math.inf  # nor the teacher's, where the student has none either
+    student[3, :600] = -math.inf
+    student.requires_grad_(True)
+    losses = distillation_divergence(student, teacher, beta=beta, reduction="none", backend="native")
+    losses.sum().backward()
+    expected = gold(student.detach(), teacher, teacher, lam=0.0, clip=math.inf, beta=beta, temperature=1.0)
+    assert_loss_close(losses, expected.loss)
+    finite_rows = torch.isfinite(expected.grad).all(-1)
+    assert torch.isfinite(student.grad[finite_rows]).all()
+    assert torch.all(student.grad[:, vocab - padding:] == 0)
+    assert torch.all(student.grad[3, :600] == 0)
+    if beta == 1.0:
+        assert not finite_rows[0] and not torch.isfinite(student.grad[0].float()).all()
+
+
+# --- labels ----------------------------------------------------------------------------------------
+
+
+# Around every block boundary of the three copies (128, 256 and 512 elements), inside vectors of 4, 8
+# and 16 lanes, and the last token.
+BOUNDARY_LABELS = [0, 3, 4, 15, 16, 127, 128, 129, 255, 256, 511, 512, 513, 1023, 1024, 1030]
+
+
+@built
+@pytest.mark.parametrize("one_teacher", [True, False], ids=["one teacher", "anchored"])
+@pytest.mark.parametrize("beta", [1.0, 0.0, 0.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("inplace", [False, True], ids=["separate gradient", "inplace_grad"])
+def test_labels_at_block_boundaries_and_the_last_token(one_teacher, beta, dtype, inplace):
+    generator = torch.Generator().manual_seed(13)
+    vocab = 1031
+    rows = len(BOUNDARY_LABELS)
+    student, partial, full = _rows(rows, vocab, generator, dtype)
+    labels = torch.tensor(BOUNDARY_LABELS)
+    expected = gold_token_logprobs(student, partial, None if one_teacher else full, labels, lam=0.8, clip=2.0,
+                                   temperature=0.9)
+    loss_fn = distillation_divergence if one_teacher else anchored_residual_kl
+    teachers = dict(teacher_logits=partial) if one_teacher else dict(
+        partial_teacher_logits=partial, full_teacher_logits=full, lam=0.8, clip=2.0)
+    leaf = student.clone().requires_grad_(True)
+    logits = leaf * 1 if inplace else leaf
+    _, diagnostics = loss_fn(logits, labels=labels, beta=beta, temperature=0.9, return_diagnostics=True,
+                             inplace_grad=inplace, backend="native", **teachers)
+    assert_loss_close(diagnostics.student_token_logprob, expected[0], "student_token_logprob")
+    assert_loss_close(diagnostics.target_token_logprob, expected[1], "target_token_logprob")
+
+
+@built
+@pytest.mark.parametrize("one_teacher", [True, False], ids=["one teacher", "anchored"])
+def test_labels_outside_the_columns_give_zero_and_none_give_zero(one_teacher):
+    """The per-row contract: a label outside [0, V) (as a vocabulary shard sees most labels), and no
+    labels at all, leave the two token diagnostics at 0; the others are untouched by labels."""
+    generator = torch.Generator().manual_seed(17)
+    student, partial, full = (t.reshape(1, 4, 300) for t in _rows(4, 300, generator))
+    rows = dict(row_temperature=torch.ones(4), active=torch.ones(4, dtype=torch.bool), grad_scale=None,
+                grad_out=None, lam=1.0, clip=5.0, beta=1.0, with_diagnostics=True)
+    teachers = (partial, None if one_teacher else full)
+    labelled = native.compute_rows(student, *teachers, labels=torch.tensor([-1, 300, 10**12, 7]), **rows)
+    unlabelled = native.compute_rows(student, *teachers, **rows)
+    assert torch.equal(labelled.diagnostics[4:, :3], torch.zeros(2, 3))
+    assert torch.all(labelled.diagnostics[4:, 3] != 0)
+    assert torch.equal(unlabelled.diagnostics[4:], torch.zeros(2, 4))
+    assert torch.equal(labelled.diagnostics[:4], unlabelled.diagnostics[:4])
+    assert torch.equal(labelled.row_loss, unlabelled.row_loss)
+
+
+# --- the shard stages ------------------------------------------------------------------------------
+
+
+def test_stage_layouts_are_those_of_shards_py():
+    """The C++ writes and reads the stages' arrays by its own row tables: they must be shards.py's."""
+    if not native.available():
+        pytest.skip(f"native kernel not built: {native.unavailable_reason()}")
+    module = native._module()
+    assert [getattr(shards, name) for name in module.TARGET_SUM_ROWS] == list(range(shards.N_TARGET_SUMS))
+    assert [getattr(shards, name) for name in module.TERM_ROWS] == list(range(shards.N_TERMS))
+    assert module.NORMALIZER_ROWS == {"MAX": shards.MAX, "LOG_SUM": shards.LOG_SUM}
+    assert module.N_DIAGNOSTICS == native.N_DIAGNOSTICS
+
+
+@built
+@pytest.mark.parametrize("one_teacher", [True, False], ids=["one teacher", "anchored"])
+@pytest.mark.parametrize("beta", [1.0, 0.0, 0.5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_shard_stages_under_each_instruction_set(one_teacher, beta, dtype):
+    """Shards cut inside blocks and vectors, one of them smaller than a vector, with -inf padding in
+    the last shard, a masked row, and a confident student."""
+    generator = torch.Generator().manual_seed(19)
+    vocab = 1100
+    student, partial, full = _rows(5, vocab, generator, dtype)
+    for tensor in (student, partial, full):
+        tensor[:, vocab - 40:] = -math.inf
+    student[3, 700] += 40.0
+    problem = Problem(student, partial, full, lam=0.9, clip=3.0, beta=beta, temperature=1.2,
+                      mask=torch.tensor([True, True, False, True, True]), weights=None)
+    check_shards_against_gold("native", problem, [0, 3, 517, 1030, vocab], one_teacher)

@@ -115,7 +115,8 @@ def test_shards_keep_the_precision_of_a_target_far_below_zero(backend, beta):
 
 
 def check_shards_against_gold(backend, problem, boundaries, one_teacher):
-    """run_sharded over ``boundaries`` against the float64 gold of the whole vocabulary."""
+    """run_stages on the shards [boundaries[r], boundaries[r + 1]) of the problem's vocabulary (the
+    problem's partial logits as the one teacher when one_teacher) against the whole-vocabulary gold."""
     vocab = problem.student.shape[-1]
     student, partial = _as_rows_view(problem.student.contiguous()), _as_rows_view(problem.partial.contiguous())
     full = None if one_teacher else _as_rows_view(problem.full.contiguous())

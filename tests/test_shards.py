@@ -51,10 +51,31 @@ class InProcessGroup:
         return gather
 
 
+class OneStageAtATime:
+    """A backend's stage functions, called by one thread at a time (the gather between them is not
+    locked). Triton's interpreter patches triton.language while a kernel runs and restores it after, so
+    two interpreted launches in different threads break each other; a process per shard (a real group)
+    has no such problem."""
+
+    lock = threading.Lock()
+
+    def __init__(self, module):
+        self.module = module
+
+    def __getattr__(self, name):
+        stage = getattr(self.module, name)
+
+        def locked(*args, **kwargs):
+            with self.lock:
+                return stage(*args, **kwargs)
+
+        return locked
+
+
 def run_sharded(backend, boundaries, student, partial, full, row_temperature, active, grad_scale, labels, *, lam,
                 clip, beta):
     """run_stages on each vocabulary shard [boundaries[r], boundaries[r + 1]) in its own thread."""
-    stages = importlib.import_module(f"aropd_kernels.{backend}")
+    stages = OneStageAtATime(importlib.import_module(f"aropd_kernels.{backend}"))
     size = len(boundaries) - 1
     group = InProcessGroup(size)
     results, grads, errors = [None] * size, [None] * size, []

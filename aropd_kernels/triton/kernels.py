@@ -452,15 +452,15 @@ def _load_normalizers(normalizers_ptr, n_rows, row, ONE_TEACHER: tl.constexpr):
 
 @triton.jit
 def _target_log_normalizer(terms_ptr, n_rows, row):
-    """The whole row's lse_z in base 2 from ``terms``, as a float32 (high, low) pair: lq = (z - high) - low
+    """The whole row's lse_z from ``terms`` (base 2) as a float32 (high, low) pair: lq = (z - high) - low
     keeps its precision where z and lse_z are both far from 0."""
-    return _float32_pair(tl.load(terms_ptr + LSE_TARGET * n_rows + row) * LOG2_E)
+    return _float32_pair(tl.load(terms_ptr + LSE_TARGET * n_rows + row))
 
 
 @triton.jit
 def _weighted_sum(centered_total, z_max, z_sum):
-    """sum w z from sum w (z - z_max) (w = exp2(z - z_max)), in nats and float64; 0 where every z is -inf."""
-    total = (centered_total.to(tl.float64) + z_max.to(tl.float64) * z_sum.to(tl.float64)) * LN_2
+    """sum w z from sum w (z - z_max) (w = exp2(z - z_max)), in float64; 0 where every z is -inf."""
+    total = centered_total.to(tl.float64) + z_max.to(tl.float64) * z_sum.to(tl.float64)
     return tl.where(z_sum == 0.0, 0.0, total)
 
 
@@ -498,8 +498,9 @@ def shard_target_sums_kernel(
     DIVERGENCE: tl.constexpr, WITH_DIAGNOSTICS: tl.constexpr, ONE_TEACHER: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """``shard_target_sums``: sweep 2 of the fused kernel (reverse KL always in float64) over the shard,
-    given the combined normalizers, written in nats into the float64 ``[N_TARGET_SUMS, N]`` layout of
-    aropd_kernels/shards.py. Writes only the rows that apply: the caller passes zeros."""
+    given the combined normalizers, into the float64 ``[N_TARGET_SUMS, N]`` layout of aropd_kernels/shards.py
+    but in base 2 (the launch converts to nats in float64). Writes only the rows that apply: the caller
+    passes zeros."""
     row = tl.program_id(0).to(tl.int64)
     if tl.load(active_ptr + row):
         rows = _input_rows(student_ptr, partial_ptr, full_ptr, row // rows_per_batch, row % rows_per_batch,
@@ -513,10 +514,10 @@ def shard_target_sums_kernel(
         z_max, z_sum, gap, student_mass, forward_gap, infinite_forward, target_centered, student_plogp, \
             belief_shift, clipped_mass = _target_sweep(rows, normalizers, vocab, scale, lam, clip, DIVERGENCE,
                                                        WITH_DIAGNOSTICS, True, ONE_TEACHER, BLOCK_V)
-        tl.store(sums_ptr + Z_MAX * n_rows + row, z_max.to(tl.float64) * LN_2)
-        tl.store(sums_ptr + Z_LOG_SUM * n_rows + row, tl.log2(z_sum).to(tl.float64) * LN_2)
+        tl.store(sums_ptr + Z_MAX * n_rows + row, z_max)
+        tl.store(sums_ptr + Z_LOG_SUM * n_rows + row, tl.log2(z_sum))
         if DIVERGENCE == REVERSE_KL:
-            tl.store(sums_ptr + STUDENT_GAP * n_rows + row, gap * LN_2)
+            tl.store(sums_ptr + STUDENT_GAP * n_rows + row, gap)
             tl.store(sums_ptr + STUDENT_MASS * n_rows + row, student_mass)
             tl.store(sums_ptr + INFINITE_DIVERGENCE * n_rows + row, tl.where(gap == float("inf"), 1.0, 0.0))
         if DIVERGENCE == FORWARD_KL:
@@ -524,11 +525,11 @@ def shard_target_sums_kernel(
             tl.store(sums_ptr + INFINITE_DIVERGENCE * n_rows + row, infinite_forward)
         if WITH_DIAGNOSTICS:
             tl.store(sums_ptr + WEIGHTED_TARGET_LOGIT * n_rows + row, _weighted_sum(target_centered, z_max, z_sum))
-            tl.store(sums_ptr + STUDENT_LOG_STUDENT * n_rows + row, student_plogp * LN_2)
-            tl.store(sums_ptr + STUDENT_TOKEN * n_rows + row, label_student * LN_2)
-            tl.store(sums_ptr + TARGET_TOKEN_LOGIT * n_rows + row, label_z * LN_2)
+            tl.store(sums_ptr + STUDENT_LOG_STUDENT * n_rows + row, student_plogp)
+            tl.store(sums_ptr + STUDENT_TOKEN * n_rows + row, label_student)
+            tl.store(sums_ptr + TARGET_TOKEN_LOGIT * n_rows + row, label_z)
             if not ONE_TEACHER:
-                tl.store(sums_ptr + BELIEF_SHIFT * n_rows + row, belief_shift * LN_2)
+                tl.store(sums_ptr + BELIEF_SHIFT * n_rows + row, belief_shift)
                 tl.store(sums_ptr + CLIPPED_MASS * n_rows + row, clipped_mass)
                 tl.store(sums_ptr + INFINITE_SHIFT * n_rows + row, tl.where(belief_shift == float("inf"), 1.0, 0.0))
 
@@ -541,7 +542,7 @@ def shard_mixture_sums_kernel(
     lam, clip, beta,
     ONE_TEACHER: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """``shard_mixture_sums``: the JSD sweep over the shard, KL(q || m) and KL(p || m) in nats into the
+    """``shard_mixture_sums``: the JSD sweep over the shard, KL(q || m) and KL(p || m) in base 2 into the
     float64 ``[2, N]`` mixture sums (0 at skipped rows)."""
     row = tl.program_id(0).to(tl.int64)
     if tl.load(active_ptr + row):
@@ -553,7 +554,7 @@ def shard_mixture_sums_kernel(
         target_normalizer = _target_log_normalizer(terms_ptr, n_rows, row)
         kl_target_mixture, kl_student_mixture = _jsd_sweep(
             rows, normalizers, target_normalizer, vocab, scale, lam, clip, beta, ONE_TEACHER, BLOCK_V)
-        _store_rows(mixture_ptr, n_rows, row, (kl_target_mixture * LN_2, kl_student_mixture * LN_2), 2)
+        _store_rows(mixture_ptr, n_rows, row, (kl_target_mixture, kl_student_mixture), 2)
     else:
         _store_zeros(mixture_ptr, n_rows, row, 2)
 
@@ -569,7 +570,7 @@ def shard_gradient_kernel(
     DIVERGENCE: tl.constexpr, ONE_TEACHER: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """``shard_gradient``: the gradient sweep over the shard's columns, given the combined normalizers and
-    the whole row's ``terms`` (float64, nats); zeros at skipped rows. ``grad_row`` may alias the student."""
+    the whole row's ``terms`` (float64, in base 2); zeros at skipped rows. ``grad_row`` may alias the student."""
     row = tl.program_id(0).to(tl.int64)
     batch = row // rows_per_batch
     position = row % rows_per_batch
@@ -583,11 +584,11 @@ def shard_gradient_kernel(
         target_normalizer = (0.0, 0.0)
         kl_student_mixture = 0.0
         if DIVERGENCE == REVERSE_KL:
-            student_gap = tl.load(terms_ptr + TARGET_MEAN_GAP * n_rows + row) * LOG2_E
+            student_gap = tl.load(terms_ptr + TARGET_MEAN_GAP * n_rows + row)
         else:
             target_normalizer = _target_log_normalizer(terms_ptr, n_rows, row)
         if DIVERGENCE == JSD:
-            kl_student_mixture = (tl.load(terms_ptr + KL_STUDENT_MIXTURE * n_rows + row) * LOG2_E).to(tl.float32)
+            kl_student_mixture = tl.load(terms_ptr + KL_STUDENT_MIXTURE * n_rows + row).to(tl.float32)
         grad_coefficient = tl.load(grad_scale_ptr + row) / temperature
         _gradient_sweep(rows, normalizers, target_normalizer, grad_row, vocab, scale, student_gap,
                         kl_student_mixture, lam, clip, beta, grad_coefficient, DIVERGENCE, ONE_TEACHER, BLOCK_V)

@@ -40,6 +40,9 @@ ENABLE_FP_FUSION = True
 # narrower blocks never spilled and keep ptxas's own choice.
 WIDEST_BLOCK_MAX_REGISTERS = 255
 
+# The kernels work in base 2: clip goes in as clip * log2(e), and the shard stages' logs are converted here.
+LN_2, LOG2_E = math.log(2.0), math.log2(math.e)
+
 
 class LaunchConfig(NamedTuple):
     block_v: int
@@ -139,7 +142,7 @@ def compute_rows(
             row_loss, diagnostics if with_diagnostics else row_loss,
             n_rows, rows_per_batch, vocab,
             *strides, *(grad_out.stride()[:2] if write_grad else student.stride()[:2]),
-            lam, clip * math.log2(math.e), beta,
+            lam, clip * LOG2_E, beta,
             DIVERGENCE=divergence_kind(beta), WITH_DIAGNOSTICS=with_diagnostics, WRITE_GRAD=write_grad,
             ONE_TEACHER=one_teacher)
     return RowResult(row_loss, diagnostics)
@@ -148,6 +151,12 @@ def compute_rows(
 # --- the shard stages of aropd_kernels/shards.py (layouts there) ------------------------------------------
 
 
+# Rows of the shards' float64 tensors that are logs or sums of logs: the kernels write and read them in
+# base 2, and the launch converts them here in float64 (a float32 ln 2 in a kernel is off by 3e-9, which
+# at log-probabilities near -1000 is more than float64 statistics may lose).
+_LOG_TARGET_SUMS = (shards.Z_MAX, shards.Z_LOG_SUM, shards.WEIGHTED_TARGET_GAP, shards.WEIGHTED_TARGET_LOGIT,
+                    shards.STUDENT_GAP, shards.BELIEF_SHIFT, shards.STUDENT_LOG_STUDENT, shards.STUDENT_TOKEN,
+                    shards.TARGET_TOKEN_LOGIT)
 def shard_normalizers(student, partial, full, row_temperature, active) -> torch.Tensor:
     """float32 ``[n_inputs, 2, N]``: each input's max and natural log-sum over this shard."""
     n_rows, rows_per_batch, vocab = _row_shape(student)
@@ -168,8 +177,9 @@ def shard_target_sums(student, partial, full, row_temperature, active, normalize
     if n_rows:
         _launch(shard_target_sums_kernel, student, *inputs, row_temperature.contiguous(), active.contiguous(),
                 normalizers.contiguous(), _labels_or_none(labels, n_rows, student.device), sums,
-                n_rows, rows_per_batch, vocab, *strides, lam, clip * math.log2(math.e),
+                n_rows, rows_per_batch, vocab, *strides, lam, clip * LOG2_E,
                 DIVERGENCE=divergence_kind(beta), WITH_DIAGNOSTICS=with_diagnostics, ONE_TEACHER=one_teacher)
+        sums[list(_LOG_TARGET_SUMS)] *= LN_2
     return sums
 
 
@@ -181,8 +191,9 @@ def shard_mixture_sums(student, partial, full, row_temperature, active, normaliz
     mixture = torch.empty(2, n_rows, dtype=torch.float64, device=student.device)
     if n_rows:
         _launch(shard_mixture_sums_kernel, student, *inputs, row_temperature.contiguous(), active.contiguous(),
-                normalizers.contiguous(), terms.contiguous(), mixture, n_rows, rows_per_batch, vocab, *strides,
-                lam, clip * math.log2(math.e), beta, ONE_TEACHER=one_teacher)
+                normalizers.contiguous(), terms * LOG2_E, mixture, n_rows, rows_per_batch, vocab, *strides,
+                lam, clip * LOG2_E, beta, ONE_TEACHER=one_teacher)
+        mixture *= LN_2
     return mixture
 
 
@@ -194,6 +205,6 @@ def shard_gradient(student, partial, full, row_temperature, active, normalizers,
         return
     inputs, strides, one_teacher = _inputs(student, partial, full)
     _launch(shard_gradient_kernel, student, *inputs, grad_out, row_temperature.contiguous(), active.contiguous(),
-            grad_scale.contiguous(), normalizers.contiguous(), terms.contiguous(), n_rows, rows_per_batch, vocab,
-            *strides, *grad_out.stride()[:2], lam, clip * math.log2(math.e), beta,
+            grad_scale.contiguous(), normalizers.contiguous(), terms * LOG2_E, n_rows, rows_per_batch, vocab,
+            *strides, *grad_out.stride()[:2], lam, clip * LOG2_E, beta,
             DIVERGENCE=divergence_kind(beta), ONE_TEACHER=one_teacher)

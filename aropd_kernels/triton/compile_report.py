@@ -4,9 +4,10 @@
 
 No GPU is needed: each specialization is compiled with ``triton.compile`` for a ``GPUTarget`` and
 Triton's bundled ``ptxas``, whose verbose log gives the registers and spill bytes. A specialization
-is one choice of the kernel's constexprs (divergence, diagnostics, gradient), a launch configuration
-that :func:`~aropd_kernels.triton.launch.launch_config` can return, and a dtype set (student and
-teachers, as the public API takes them). Integer arguments get the divisibility-by-16 specialization
+is one kernel (the fused rows kernel or a shard stage), one choice of its constexprs (teacher count,
+divergence, diagnostics with the labels' log-probabilities, gradient), a launch configuration that
+:func:`~aropd_kernels.triton.launch.launch_config` can return, and a dtype set (student and teachers,
+as the public API takes them). Integer arguments get the divisibility-by-16 specialization
 that the usual vocabulary sizes (128256, 152064, 262208) and contiguous logits get at run time.
 Exits 1 on any compile error or any spill.
 """
@@ -28,9 +29,11 @@ from ..backends import _triton_interpreter_enabled
 DIVERGENCES = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2}
 # (student, partial and full teacher): uniform dtypes, and half-precision students with float32 teachers.
 DTYPE_SETS = (("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("bf16", "fp32"), ("fp16", "fp32"))
-# The shard stages run the fused kernel's sweeps one launch each: float32 and bfloat16 cover them.
+# One teacher and the shard stages run the same sweeps as the anchored fused kernel; fewer dtype sets
+# keep the report's runtime down: uniform float32 and bfloat16 (and a bfloat16 student with a float32
+# teacher for the one-teacher fused kernel, the usual mixed case).
+ONE_TEACHER_DTYPE_SETS = (("fp32", "fp32"), ("bf16", "bf16"), ("bf16", "fp32"))
 STAGE_DTYPE_SETS = (("fp32", "fp32"), ("bf16", "bf16"))
-TEACHERS = (2, 1)
 # report name -> kernel name in kernels.py
 KERNELS = {
     "rows": "anchored_residual_rows_kernel",
@@ -89,23 +92,25 @@ class Report(NamedTuple):
 
 
 def specializations(arches: list[int]) -> list[Specialization]:
-    """The fused kernel over every dtype set; each shard stage over STAGE_DTYPE_SETS; every launch
-    configuration, both teacher counts, and each constexpr a kernel takes."""
+    """The anchored fused kernel over every dtype set, the one-teacher one over ONE_TEACHER_DTYPE_SETS,
+    each shard stage (both teacher counts) over STAGE_DTYPE_SETS; every launch configuration and each
+    constexpr a kernel takes."""
     from .launch import all_launch_configs
 
-    def product(kernel, divergences, diagnostics, grads, dtype_sets):
+    def product(kernel, teacher_counts, divergences, diagnostics, grads, dtype_sets):
         return [Specialization(arch, kernel, teachers, divergence, with_diagnostics, write_grad, student, teacher,
                                config.block_v, config.num_warps)
                 for arch, teachers, divergence, with_diagnostics, write_grad, (student, teacher), config
-                in itertools.product(arches, TEACHERS, divergences, diagnostics, grads, dtype_sets,
+                in itertools.product(arches, teacher_counts, divergences, diagnostics, grads, dtype_sets,
                                      all_launch_configs())]
 
     both, off, on, every = (False, True), (False,), (True,), tuple(DIVERGENCES)
-    return (product("rows", every, both, both, DTYPE_SETS)
-            + product("normalizers", ("reverse_kl",), off, off, STAGE_DTYPE_SETS)
-            + product("target_sums", every, both, off, STAGE_DTYPE_SETS)
-            + product("mixture_sums", ("jsd",), off, off, STAGE_DTYPE_SETS)
-            + product("gradient", every, off, on, STAGE_DTYPE_SETS))
+    return (product("rows", (2,), every, both, both, DTYPE_SETS)
+            + product("rows", (1,), every, both, both, ONE_TEACHER_DTYPE_SETS)
+            + product("normalizers", (2, 1), ("reverse_kl",), off, off, STAGE_DTYPE_SETS)
+            + product("target_sums", (2, 1), every, both, off, STAGE_DTYPE_SETS)
+            + product("mixture_sums", (2, 1), ("jsd",), off, off, STAGE_DTYPE_SETS)
+            + product("gradient", (2, 1), every, off, on, STAGE_DTYPE_SETS))
 
 
 def _signature(kernel, spec: Specialization) -> dict[str, str]:

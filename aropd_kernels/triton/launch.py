@@ -87,7 +87,7 @@ def _inputs(student, partial, full) -> tuple[tuple[torch.Tensor, ...], tuple[int
     return inputs, tuple(stride for x in inputs for stride in x.stride()[:2]), one_teacher
 
 
-def _labels_or_none(labels: torch.Tensor | None, n_rows: int, device: torch.device) -> torch.Tensor:
+def _row_labels(labels: torch.Tensor | None, n_rows: int, device: torch.device) -> torch.Tensor:
     """The rows' labels for the kernels; without labels every row's is -1 (outside [0, V): log-probabilities 0)."""
     if labels is None:
         return torch.full((n_rows,), -1, dtype=torch.int64, device=device)
@@ -138,7 +138,7 @@ def compute_rows(
     _launch(anchored_residual_rows_kernel, student,
             *inputs, grad_out if write_grad else student,
             row_temperature, active, grad_scale.contiguous() if write_grad else row_temperature,
-            _labels_or_none(labels, n_rows, student.device),
+            _row_labels(labels, n_rows, student.device),
             row_loss, diagnostics if with_diagnostics else row_loss,
             n_rows, rows_per_batch, vocab,
             *strides, *(grad_out.stride()[:2] if write_grad else student.stride()[:2]),
@@ -152,11 +152,13 @@ def compute_rows(
 
 
 # Rows of the shards' float64 tensors that are logs or sums of logs: the kernels write and read them in
-# base 2, and the launch converts them here in float64 (a float32 ln 2 in a kernel is off by 3e-9, which
-# at log-probabilities near -1000 is more than float64 statistics may lose).
+# base 2, and the launch converts them here, in float64 with float64 constants (inside a kernel ln 2 is a
+# float32 constant, 3e-9 off: more than float64 statistics should lose).
 _LOG_TARGET_SUMS = (shards.Z_MAX, shards.Z_LOG_SUM, shards.WEIGHTED_TARGET_GAP, shards.WEIGHTED_TARGET_LOGIT,
                     shards.STUDENT_GAP, shards.BELIEF_SHIFT, shards.STUDENT_LOG_STUDENT, shards.STUDENT_TOKEN,
                     shards.TARGET_TOKEN_LOGIT)
+
+
 def shard_normalizers(student, partial, full, row_temperature, active) -> torch.Tensor:
     """float32 ``[n_inputs, 2, N]``: each input's max and natural log-sum over this shard."""
     n_rows, rows_per_batch, vocab = _row_shape(student)
@@ -176,7 +178,7 @@ def shard_target_sums(student, partial, full, row_temperature, active, normalize
     sums = torch.zeros(shards.N_TARGET_SUMS, n_rows, dtype=torch.float64, device=student.device)
     if n_rows:
         _launch(shard_target_sums_kernel, student, *inputs, row_temperature.contiguous(), active.contiguous(),
-                normalizers.contiguous(), _labels_or_none(labels, n_rows, student.device), sums,
+                normalizers.contiguous(), _row_labels(labels, n_rows, student.device), sums,
                 n_rows, rows_per_batch, vocab, *strides, lam, clip * LOG2_E,
                 DIVERGENCE=divergence_kind(beta), WITH_DIAGNOSTICS=with_diagnostics, ONE_TEACHER=one_teacher)
         sums[list(_LOG_TARGET_SUMS)] *= LN_2

@@ -19,6 +19,7 @@ import torch
 from aropd_kernels import anchored_residual_kl, backends
 from conftest import assert_loss_close, backends_under_test, fixed_and_random, gold
 from strategies import Problem, problems
+from test_one_teacher import check_one_teacher_against_gold
 from test_properties import check_against_gold
 
 needs_triton = pytest.mark.skipif(
@@ -61,6 +62,16 @@ def test_triton_matches_gold_across_block_boundaries(problem):
 def test_triton_row_longer_than_one_block(beta):
     """Several blocks per row with a partial last block and -inf padding at the end."""
     check_against_gold(_problem(4100, rows=2, beta=beta, padding=60, temperature=0.8), "triton")
+
+
+@needs_triton
+@pytest.mark.parametrize("beta", [1.0, 0.0, 0.5])
+def test_triton_one_teacher_and_labels_over_several_blocks(beta):
+    """One teacher over a row of two blocks of 2048 lanes and a partial third, with -inf padding at the
+    end; labels in the first block, the last real token, the padding, and ignored."""
+    problem = _problem(4200, rows=4, dtype=torch.bfloat16, teacher_dtype=torch.float32, beta=beta, padding=40,
+                       temperature=torch.tensor([0.7, 1.0, 1.3, 2.0]))
+    check_one_teacher_against_gold(problem, torch.tensor([5, 4159, 4180, -100]), "triton")
 
 
 @needs_triton
@@ -196,15 +207,18 @@ def test_triton_on_cpu_without_interpreter_raises():
     assert result.returncode == 0, result.stderr + result.stdout
 
 
-def test_compile_report_compiles_the_widest_specialization_without_spills():
-    """Ahead-of-time compile for sm_90 needs no GPU; CI runs the full report for sm_80 and sm_90."""
+def test_compile_report_compiles_the_widest_specializations_without_spills():
+    """Ahead-of-time compile for sm_90 needs no GPU; CI runs the full report for sm_80 and sm_90. The
+    widest block of the fused kernel (anchored and one teacher) and of the float64 shard sums."""
     pytest.importorskip("triton")
     result = _run_without_interpreter(
         "from aropd_kernels.triton.compile_report import Specialization, compile_one\n"
-        "report = compile_one(Specialization(90, 'reverse_kl', True, True, 'bf16', 'bf16', 2048, 8))\n"
-        "assert report.error is None, report.error\n"
-        "assert report.spill_bytes == 0, report\n"
-        "assert 0 < report.registers <= 255, report\n"
+        "for kernel, teachers in (('rows', 2), ('rows', 1), ('target_sums', 2)):\n"
+        "    spec = Specialization(90, kernel, teachers, 'reverse_kl', True, kernel == 'rows', 'bf16', 'bf16', 2048, 8)\n"
+        "    report = compile_one(spec)\n"
+        "    assert report.error is None, report.error\n"
+        "    assert report.spill_bytes == 0, report\n"
+        "    assert 0 < report.registers <= 255, report\n"
     )
     assert result.returncode == 0, result.stderr + result.stdout
 

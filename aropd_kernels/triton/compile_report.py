@@ -4,9 +4,10 @@
 
 No GPU is needed: each specialization is compiled with ``triton.compile`` for a ``GPUTarget`` and
 Triton's bundled ``ptxas``, whose verbose log gives the registers and spill bytes. A specialization
-is one choice of the kernel's constexprs (divergence, diagnostics, gradient), a launch configuration
-that :func:`~aropd_kernels.triton.launch.launch_config` can return, and a dtype set (student and
-teachers, as the public API takes them). Integer arguments get the divisibility-by-16 specialization
+is one kernel (the fused rows kernel or a shard stage), one choice of its constexprs (teacher count,
+divergence, diagnostics with the labels' log-probabilities, gradient), a launch configuration that
+:func:`~aropd_kernels.triton.launch.launch_config` can return, and a dtype set (student and teachers,
+as the public API takes them). Integer arguments get the divisibility-by-16 specialization
 that the usual vocabulary sizes (128256, 152064, 262208) and contiguous logits get at run time.
 Exits 1 on any compile error or any spill.
 """
@@ -28,12 +29,31 @@ from ..backends import _triton_interpreter_enabled
 DIVERGENCES = {"reverse_kl": 0, "forward_kl": 1, "jsd": 2}
 # (student, partial and full teacher): uniform dtypes, and half-precision students with float32 teachers.
 DTYPE_SETS = (("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp16"), ("bf16", "fp32"), ("fp16", "fp32"))
+# One teacher and the shard stages run the same sweeps as the anchored fused kernel; fewer dtype sets
+# keep the report's runtime down: uniform float32 and bfloat16 (and a bfloat16 student with a float32
+# teacher for the one-teacher fused kernel, the usual mixed case).
+ONE_TEACHER_DTYPE_SETS = (("fp32", "fp32"), ("bf16", "bf16"), ("bf16", "fp32"))
+STAGE_DTYPE_SETS = (("fp32", "fp32"), ("bf16", "bf16"))
+# report name -> kernel name in kernels.py
+KERNELS = {
+    "rows": "anchored_residual_rows_kernel",
+    "normalizers": "shard_normalizers_kernel",
+    "target_sums": "shard_target_sums_kernel",
+    "mixture_sums": "shard_mixture_sums_kernel",
+    "gradient": "shard_gradient_kernel",
+}
 _FLOAT_SCALARS = ("lam", "clip", "beta")
-_FLOAT32_POINTERS = ("row_temperature_ptr", "grad_scale_ptr", "row_loss_ptr", "diagnostics_ptr")
+_POINTER_TYPES = {"active_ptr": "*i1", "labels_ptr": "*i64", "normalizers_ptr": "*fp32", "sums_ptr": "*fp64",
+                  "terms_ptr": "*fp64", "mixture_ptr": "*fp64", "row_temperature_ptr": "*fp32",
+                  "grad_scale_ptr": "*fp32", "row_loss_ptr": "*fp32", "diagnostics_ptr": "*fp32"}
 
 
 class Specialization(NamedTuple):
+    """One compile: a kernel, its constexprs (those it does not take are ignored), dtypes and launch."""
+
     arch: int
+    kernel: str  # a key of KERNELS
+    teachers: int  # 2: anchored (student, partial, full); 1: ONE_TEACHER (student, teacher)
     divergence: str
     with_diagnostics: bool
     write_grad: bool
@@ -42,9 +62,25 @@ class Specialization(NamedTuple):
     block_v: int
     num_warps: int
 
+    def kernel_function(self):
+        from . import kernels
+
+        return getattr(kernels, KERNELS[self.kernel])
+
+    def constexprs(self) -> dict:
+        values = {"DIVERGENCE": DIVERGENCES[self.divergence], "WITH_DIAGNOSTICS": self.with_diagnostics,
+                  "WRITE_GRAD": self.write_grad, "ONE_TEACHER": self.teachers == 1, "BLOCK_V": self.block_v}
+        return {name: value for name, value in values.items() if name in self.kernel_function().arg_names}
+
     def describe(self) -> str:
-        return (f"{self.divergence} diag={int(self.with_diagnostics)} grad={int(self.write_grad)} "
-                f"{self.student_dtype}/{self.teacher_dtype} BLOCK_V={self.block_v} warps={self.num_warps}")
+        flags = self.constexprs()
+        words = [f"teachers={self.teachers}"]
+        if "DIVERGENCE" in flags:
+            words.append(self.divergence)
+        words += [f"{name}={int(flags[key])}" for name, key in (("diag", "WITH_DIAGNOSTICS"), ("grad", "WRITE_GRAD"))
+                  if key in flags]
+        words += [f"{self.student_dtype}/{self.teacher_dtype}", f"BLOCK_V={self.block_v}", f"warps={self.num_warps}"]
+        return " ".join(words)
 
 
 class Report(NamedTuple):
@@ -56,30 +92,41 @@ class Report(NamedTuple):
 
 
 def specializations(arches: list[int]) -> list[Specialization]:
+    """The anchored fused kernel over every dtype set, the one-teacher one over ONE_TEACHER_DTYPE_SETS,
+    each shard stage (both teacher counts) over STAGE_DTYPE_SETS; every launch configuration and each
+    constexpr a kernel takes."""
     from .launch import all_launch_configs
 
-    return [
-        Specialization(arch, divergence, diagnostics, grad, student, teacher, config.block_v, config.num_warps)
-        for arch, divergence, diagnostics, grad, (student, teacher), config in itertools.product(
-            arches, DIVERGENCES, (False, True), (False, True), DTYPE_SETS, all_launch_configs())
-    ]
+    def product(kernel, teacher_counts, divergences, diagnostics, grads, dtype_sets):
+        return [Specialization(arch, kernel, teachers, divergence, with_diagnostics, write_grad, student, teacher,
+                               config.block_v, config.num_warps)
+                for arch, teachers, divergence, with_diagnostics, write_grad, (student, teacher), config
+                in itertools.product(arches, teacher_counts, divergences, diagnostics, grads, dtype_sets,
+                                     all_launch_configs())]
+
+    both, off, on, every = (False, True), (False,), (True,), tuple(DIVERGENCES)
+    return (product("rows", (2,), every, both, both, DTYPE_SETS)
+            + product("rows", (1,), every, both, both, ONE_TEACHER_DTYPE_SETS)
+            + product("normalizers", (2, 1), ("reverse_kl",), off, off, STAGE_DTYPE_SETS)
+            + product("target_sums", (2, 1), every, both, off, STAGE_DTYPE_SETS)
+            + product("mixture_sums", (2, 1), ("jsd",), off, off, STAGE_DTYPE_SETS)
+            + product("gradient", (2, 1), every, off, on, STAGE_DTYPE_SETS))
 
 
 def _signature(kernel, spec: Specialization) -> dict[str, str]:
     types = {"student_ptr": f"*{spec.student_dtype}", "partial_ptr": f"*{spec.teacher_dtype}",
-             "full_ptr": f"*{spec.teacher_dtype}", "grad_ptr": f"*{spec.student_dtype}", "active_ptr": "*i1"}
+             "full_ptr": f"*{spec.teacher_dtype}", "grad_ptr": f"*{spec.student_dtype}", **_POINTER_TYPES}
+    types = {name: types[name] for name in kernel.arg_names if name in types}
     for name in kernel.arg_names:
         if name in types:
             continue
-        if name in _FLOAT32_POINTERS:
-            types[name] = "*fp32"
-        elif name in _FLOAT_SCALARS:
+        if name in _FLOAT_SCALARS:
             types[name] = "fp32"
         elif name.isupper():
             types[name] = "constexpr"
         else:  # sizes and row strides; batch strides may pass 2^31 when N·V does
             types[name] = "i64" if name.endswith("stride_b") else "i32"
-    return types
+    return {name: types[name] for name in kernel.arg_names}
 
 
 def _divisible_by_16(kernel) -> dict[tuple[int], list[list]]:
@@ -102,13 +149,11 @@ def compile_one(spec: Specialization) -> Report:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from .kernels import anchored_residual_rows_kernel as kernel
     from .launch import LaunchConfig
 
-    source = ASTSource(
-        fn=kernel, signature=_signature(kernel, spec), attrs=_divisible_by_16(kernel),
-        constexprs={"DIVERGENCE": DIVERGENCES[spec.divergence], "WITH_DIAGNOSTICS": spec.with_diagnostics,
-                    "WRITE_GRAD": spec.write_grad, "BLOCK_V": spec.block_v})
+    kernel = spec.kernel_function()
+    source = ASTSource(fn=kernel, signature=_signature(kernel, spec), attrs=_divisible_by_16(kernel),
+                       constexprs=spec.constexprs())
     log = io.StringIO()
     try:
         with knobs.nvidia.scope(), knobs.compilation.scope(), contextlib.redirect_stdout(log):
@@ -123,16 +168,16 @@ def compile_one(spec: Specialization) -> Report:
 
 
 def _print_table(reports: list[Report]) -> None:
-    header = f"{'kernel':<30} {'arch':<6} {'specialization':<52} {'registers':>9} {'spill B':>8} {'shared B':>9}"
+    header = f"{'kernel':<30} {'arch':<6} {'specialization':<63} {'registers':>9} {'spill B':>8} {'shared B':>9}"
     print(header)
     print("-" * len(header))
     for report in reports:
         spec = report.specialization
+        row = f"{KERNELS[spec.kernel]:<30} sm_{spec.arch:<3} {spec.describe():<63}"
         if report.error is not None:
-            print(f"{'anchored_residual_rows_kernel':<30} sm_{spec.arch:<3} {spec.describe():<52} ERROR {report.error}")
+            print(f"{row} ERROR {report.error}")
             continue
-        print(f"{'anchored_residual_rows_kernel':<30} sm_{spec.arch:<3} {spec.describe():<52} "
-              f"{report.registers:>9} {report.spill_bytes:>8} {report.shared_bytes:>9}")
+        print(f"{row} {report.registers:>9} {report.spill_bytes:>8} {report.shared_bytes:>9}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -47,11 +47,12 @@ def online_centered_update(running_total, centered_value, old_max, old_sum, new_
 
 
 @triton.jit
-def centered_row_mean(lane_total, lane_max, lane_sum, lane_weight, row_max, row_sum):
-    """Row mean of a value from per-lane :func:`online_centered_update` totals, centered on the row's
-    max (``lane_weight``, ``row_max``, ``row_sum`` from :func:`lane_weights`)."""
+def centered_row_total(lane_total, lane_max, lane_sum, lane_weight, row_max):
+    """Row sum of ``exp2(x - row_max) * value`` from per-lane :func:`online_centered_update` totals,
+    the value centered on the row's max (``lane_weight``, ``row_max`` from :func:`lane_weights`);
+    divided by the row sum of exp2, it is the row mean."""
     moved = lane_total + tl.where(lane_sum == 0.0, 0.0, (lane_max - row_max) * lane_sum)
-    return tl.sum(moved * lane_weight, 0) / row_sum
+    return tl.sum(moved * lane_weight, 0)
 
 
 @triton.jit
@@ -104,10 +105,10 @@ def allowed_where_forbidden(log_allowing, log_forbidding):
 
 
 @triton.jit
-def infinite_if(total, lane_flags):
-    """+inf when any lane's (int32) :func:`allowed_where_forbidden` flag is set, else ``total``; NaN
-    stays NaN. For a running sum that is rescaled, where an infinite term would become NaN."""
-    return tl.where((tl.max(lane_flags, 0) > 0) & (total == total), float("inf"), total)
+def infinite_if(total, flag):
+    """+inf when ``flag`` (an :func:`allowed_where_forbidden` flag reduced over the row) is set, else
+    ``total``; NaN stays NaN. For a running sum that is rescaled, where an infinite term would become NaN."""
+    return tl.where((flag > 0) & (total == total), float("inf"), total)
 
 
 @triton.jit

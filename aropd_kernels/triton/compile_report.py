@@ -91,18 +91,20 @@ class Report(NamedTuple):
     error: str | None
 
 
-def specializations(arches: list[int]) -> list[Specialization]:
+def specializations(arches: list[int], widest_block_only: bool = False) -> list[Specialization]:
     """The anchored fused kernel over every dtype set, the one-teacher one over ONE_TEACHER_DTYPE_SETS,
     each shard stage (both teacher counts) over STAGE_DTYPE_SETS; every launch configuration and each
     constexpr a kernel takes."""
-    from .launch import all_launch_configs
+    from .launch import MAX_BLOCK_V, all_launch_configs
+
+    configs = [config for config in all_launch_configs() if config.block_v == MAX_BLOCK_V or not widest_block_only]
 
     def product(kernel, teacher_counts, divergences, diagnostics, grads, dtype_sets):
         return [Specialization(arch, kernel, teachers, divergence, with_diagnostics, write_grad, student, teacher,
                                config.block_v, config.num_warps)
                 for arch, teachers, divergence, with_diagnostics, write_grad, (student, teacher), config
                 in itertools.product(arches, teacher_counts, divergences, diagnostics, grads, dtype_sets,
-                                     all_launch_configs())]
+                                     configs)]
 
     both, off, on, every = (False, True), (False,), (True,), tuple(DIVERGENCES)
     return (product("rows", (2,), every, both, both, DTYPE_SETS)
@@ -185,10 +187,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, action="append", required=True,
                         help="compute capability times ten, e.g. 80 (A100) or 90 (H100); repeat for several")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles (default: all cores)")
+    parser.add_argument("--widest-block-only", action="store_true",
+                        help="only the launch configuration of every vocabulary of 2048 tokens or more (real "
+                             "vocabularies); the narrower blocks serve V < 2048 (a quarter of the compiles)")
     args = parser.parse_args(argv)
     if _triton_interpreter_enabled():
         parser.error("TRITON_INTERPRET=1 makes the kernels interpreted functions, which do not compile; unset it.")
-    specs = specializations(args.arch)
+    specs = specializations(args.arch, args.widest_block_only)
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
         reports = list(pool.map(compile_one, specs))
     _print_table(reports)

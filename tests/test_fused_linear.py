@@ -408,8 +408,7 @@ def test_weight_gradient_in_slabs_is_freed_slab_by_slab():
     inputs = _inputs(dtype=torch.bfloat16)
     leaves = _student_leaves(inputs)
     with mock.patch.object(fused_linear, "SLAB_ELEMENTS", 5 * 12):
-        weight = fused_linear.SlabbedWeight(leaves[1].detach(), torch.float32)
-        accumulator = fused_linear.WeightGradient(weight, torch.float32)
+        accumulator = fused_linear.WeightGradient(leaves[1].detach(), torch.float32, torch.float32)
         assert len(accumulator.slabs) == 9  # 41 rows by 5
         for index in range(len(accumulator.slabs)):
             accumulator.part(index).fill_(index)

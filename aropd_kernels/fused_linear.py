@@ -166,19 +166,24 @@ class Projection(NamedTuple):
     scale: float
     softcap: float | None
 
-    def finish(self, logits: torch.Tensor) -> None:
-        """Applies the scale and the softcap, in place, to ``h Wᵀ + b``."""
+    def finish(self, logits: torch.Tensor, saved_tanh: torch.Tensor | None = None) -> None:
+        """Applies the scale and the softcap, in place, to ``h Wᵀ + b``, one rounded operation at a time,
+        as a model does; the softcap's tanh goes to ``saved_tanh`` too, when given, for :meth:`chain`."""
         if self.softcap is not None:
-            logits.mul_(self.scale / self.softcap).tanh_().mul_(self.softcap)
+            logits.mul_(self.scale / self.softcap).tanh_()
+            if saved_tanh is not None:
+                saved_tanh.copy_(logits)
+            logits.mul_(self.softcap)
         elif self.scale != 1.0:
             logits.mul_(self.scale)
 
-    def chain(self, grad: torch.Tensor, logits: torch.Tensor) -> None:
+    def chain(self, grad: torch.Tensor, saved_tanh: torch.Tensor | None) -> None:
         """Turns the gradient w.r.t. the logits into that w.r.t. ``h Wᵀ + b``, up to the factor ``scale``
-        (which the matmuls apply). The softcap's derivative is 1 − (logits / softcap)²; ``logits`` is
-        overwritten."""
+        (which the matmuls apply), in place. The softcap's derivative 1 − tanh² is formed from the saved
+        tanh, not from the logits: near saturation 1 − (logits / softcap)² would cancel the logits'
+        rounding error into a large relative one (bfloat16 logits)."""
         if self.softcap is not None:
-            grad.mul_(logits.div_(self.softcap).square_().neg_().add_(1.0))
+            torch.ops.aten.tanh_backward.grad_input(grad, saved_tanh, grad_input=grad)
 
 
 class SlabbedWeight:
@@ -295,15 +300,16 @@ def row_step(student: torch.Tensor, teachers: tuple[torch.Tensor, ...], rows_sli
 
 
 def project(hidden: torch.Tensor, weight: SlabbedWeight, bias: torch.Tensor | None, projection: Projection,
-            out: torch.Tensor) -> None:
-    """``out[m] = projection(hidden[m] Wᵀ + b)``: ``hidden`` ``[M, H]`` and ``out`` ``[M, V]`` in the compute dtype."""
+            out: torch.Tensor, saved_tanh: torch.Tensor | None = None) -> None:
+    """``out[m] = projection(hidden[m] Wᵀ + b)``: ``hidden`` ``[M, H]`` and ``out`` ``[M, V]`` in the logits'
+    dtype (``saved_tanh``: see :meth:`Projection.finish`)."""
     for start, end in weight.slabs:
         slab = weight.slab(start, end)
         if bias is None:
             torch.mm(hidden, slab.t(), out=out[:, start:end])
         else:
             torch.addmm(bias[start:end], hidden, slab.t(), out=out[:, start:end])
-    projection.finish(out)
+    projection.finish(out, saved_tanh)
 
 
 def teacher_logits(hiddens: tuple[torch.Tensor, ...], weight: SlabbedWeight, bias: torch.Tensor | None,
@@ -367,12 +373,12 @@ def chunks_with_active_rows(active: torch.Tensor, chunk_rows: int) -> list[bool]
 
 class ChunkBuffers:
     """The buffers of one chunk, allocated once per call and reused by every chunk: the student's logits
-    (which receive their gradient in place, unless the softcap's derivative needs them, then ``grad``),
-    the teacher's blocks (one per view), and the hidden states upcast to the logits' dtype (the teacher's
+    (which receive their gradient in place), the softcap's tanh of them (``saved_tanh``, with a softcap
+    and gradients), the teacher's blocks (one per view), and the hidden states upcast to the logits' dtype (the teacher's
     stacked, when ``stack_teacher``)."""
 
     def __init__(self, rows: int, student_hidden: torch.Tensor, teacher_views: int, teacher_size: int, vocab: int,
-                 compute: torch.dtype, separate_grad: bool, stack_teacher: bool):
+                 compute: torch.dtype, save_tanh: bool, stack_teacher: bool):
         def empty(*shape):
             return torch.empty(shape, dtype=compute, device=student_hidden.device)
 
@@ -380,7 +386,7 @@ class ChunkBuffers:
         self.teacher_logits = empty(teacher_views * rows, vocab)
         self.teacher_hidden = empty(teacher_views * rows, teacher_size) if stack_teacher else None
         self.student_hidden = empty(rows, student_hidden.shape[1]) if student_hidden.dtype != compute else None
-        self.grad = empty(rows, vocab) if separate_grad else None
+        self.saved_tanh = empty(rows, vocab) if save_tanh else None
 
     def hidden(self, student_hidden: torch.Tensor) -> torch.Tensor:
         """The chunk's student hidden states in the compute dtype."""
@@ -447,7 +453,7 @@ def chunk_loop(student_hidden, student_weight, student_bias, teacher_hiddens: tu
     buffers = None
     if any(active_chunks):
         buffers = ChunkBuffers(rows_per_chunk, student_hidden, len(teacher_hiddens), teacher_weight.shape[1], vocab,
-                               logits, separate_grad=compute_grad and projection.softcap is not None,
+                               logits, save_tanh=compute_grad and projection.softcap is not None,
                                stack_teacher=not half_logits)
     for index, start in enumerate(range(0, n_rows, rows_per_chunk)):
         if not active_chunks[index]:
@@ -456,18 +462,17 @@ def chunk_loop(student_hidden, student_weight, student_bias, teacher_hiddens: tu
         count = rows_slice.stop - start
         hidden = buffers.hidden(student_hidden[rows_slice])
         student = buffers.student_logits[:count]
-        project(hidden, student_w, student_b, projection, student)
+        saved_tanh = None if buffers.saved_tanh is None else buffers.saved_tanh[:count]
+        project(hidden, student_w, student_b, projection, student, saved_tanh)
         teachers = teacher_logits(tuple(h[rows_slice] for h in teacher_hiddens), teacher_w, teacher_b, projection,
                                   buffers.teacher_hidden, buffers.teacher_logits)
-        grad = None
-        if compute_grad:
-            grad = student if buffers.grad is None else buffers.grad[:count]
+        grad = student if compute_grad else None  # the row kernel writes the gradient over the logits
         result = row_step(student, teachers, rows_slice, settings, grad)
         row_loss[rows_slice] = result.row_loss
         if diagnostics is not None:
             diagnostics[:, rows_slice] = result.diagnostics
         if compute_grad:
-            projection.chain(grad, student)
+            projection.chain(grad, saved_tanh)
             gradients.add_chunk(grad, hidden, student_w, rows_slice, grad_scale)
     del buffers, student_w, teacher_w  # freed before the weight gradient is converted
     weight_grad = None if gradients.weight is None else gradients.weight.result()

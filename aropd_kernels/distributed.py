@@ -61,7 +61,7 @@ _AGREEMENT_FIXES = {
     "active": "every rank passes the same labels, ignore_index and mask",
     "row_scale": "every rank passes the same weights and num_items_in_batch",
     "labels": "every rank passes the same labels",
-    "logits_dtype": "every rank passes hidden states, weights and biases of the same dtypes",
+    "logits_dtype": "every rank passes the same logits_dtype, and hidden states, weights and biases of the same dtypes",
     "logit_scale": "every rank passes the same logit_scale",
     "logit_softcap": "every rank passes the same logit_softcap",
     "chunk_rows": "every rank passes the same chunk_size and backend (the chunks' collectives must pair up)",
@@ -176,7 +176,7 @@ def linear_call_facts(call, reduction: str, labels, reduce_hidden_grad: bool) ->
         "student_dtype": _dtype_code(student_hidden), "teacher_dtype": _dtype_code(teacher_hidden),
         "full_dtype": _dtype_code(full_hidden),
         **_shared_facts(call.plan, (lam, clip, beta), reduction, call.return_diagnostics, labels),
-        "logits_dtype": float(rows.LOGIT_DTYPES.index(fused_linear.compute_dtype(*call.tensors))),
+        "logits_dtype": float(rows.LOGIT_DTYPES.index(call.logits_dtype)),
         "logit_scale": logit_scale, "logit_softcap": 0.0 if logit_softcap is None else logit_softcap,
         "chunk_rows": float(call.chunk_rows), "hidden_grad_reduced": float(hidden_grad),
     }

@@ -11,9 +11,12 @@ divergence; the row kernels know nothing of matmuls. docs/fused_linear.md gives 
 With a process group the weights are vocabulary shards: :mod:`aropd_kernels.distributed` supplies the
 row function of a shard and the sum of the hidden states' gradient over the ranks.
 
-Logits are computed in float32 (float64 for float64 inputs) from the hidden states and weights as
-given, whatever their dtype: a bfloat16 logit would carry a rounding error of 0.4 % of its size into
-the loss. Weights are upcast a vocabulary slab at a time into one reused buffer.
+By default logits are computed in float32 (float64 for float64 inputs) from the hidden states and
+weights as given, whatever their dtype: a bfloat16 logit would carry a rounding error of 0.4 % of its
+size into the loss. Weights are upcast a vocabulary slab at a time into one reused buffer. With
+``logits_dtype=torch.bfloat16`` (or float16), every tensor of that dtype, the matmuls run in it and the
+logits are rounded to it, as the model's own lm_head in that dtype gives them; the weight and bias
+gradients are still summed over the chunks in float32.
 """
 
 from __future__ import annotations
@@ -33,18 +36,27 @@ from .functional import shaped_result
 # elements (16 MiB in float32): few matmul calls per pass over a weight, little memory beside it.
 SLAB_ELEMENTS = 2**22
 CHUNK_ROW_MULTIPLE = 16  # rows per chunk are a multiple of this: whole tiles for the matmuls
+HALF_LOGITS_DTYPES = (torch.bfloat16, torch.float16)  # what logits_dtype= may name
+HALF_LOGITS_ROWS_PER_HIDDEN = 2 / 3  # default rows per chunk over H with logits_dtype (see below)
 
 
-def default_chunk_rows(hidden_size: int) -> int:
-    """Rows per chunk when ``chunk_size=None``: the student's hidden size H over 12, rounded down to a
+def default_chunk_rows(hidden_size: int, logits_dtype: torch.dtype | None = None) -> int:
+    """Rows per chunk when ``chunk_size=None``, from the student's hidden size H, rounded down to a
     multiple of 16, at least 16.
 
-    A chunk's three float32 logits blocks take 12·R·V bytes; with R = H/12 that is V·H bytes, a quarter of
-    the float32 weight-gradient accumulator (4·V·H bytes), so the chunk never dominates the memory, for
-    any vocabulary (R = 64 at H = 896, 288 at H = 3584, 336 at H = 4096). Every chunk reads the weights
-    and the accumulator once more: larger chunks do fewer, larger matmuls, at 12·V bytes per row.
+    Float32 logits (``logits_dtype=None``): R = H/12. A chunk's three float32 logits blocks take 12·R·V
+    bytes; with R = H/12 that is V·H bytes, a quarter of the float32 weight-gradient accumulator
+    (4·V·H bytes), so the chunk never dominates the memory, for any vocabulary (R = 64 at H = 896, 288
+    at H = 3584, 336 at H = 4096).
+
+    Half-precision logits: R = 2H/3. The three half-precision blocks take 6·R·V bytes, again at most the
+    accumulator's 4·V·H. Each chunk adds its weight gradient into the float32 accumulator, a pass over
+    4·V·H bytes that costs as much as the matmuls of about H rows (measured on CPU), so chunks are
+    longer here (R = 592 at H = 896, 2384 at H = 3584, 2720 at H = 4096).
     """
-    return max(CHUNK_ROW_MULTIPLE, hidden_size // 12 // CHUNK_ROW_MULTIPLE * CHUNK_ROW_MULTIPLE)
+    per_hidden = 1 / 12 if logits_dtype is None else HALF_LOGITS_ROWS_PER_HIDDEN
+    rows = int(hidden_size * per_hidden) // CHUNK_ROW_MULTIPLE * CHUNK_ROW_MULTIPLE
+    return max(CHUNK_ROW_MULTIPLE, rows)
 
 
 # --- validation: every check runs before any kernel ----------------------------------------------
@@ -117,6 +129,23 @@ def check_inputs(student_hidden, student_weight, teacher_hiddens: tuple, teacher
             rows.refuse_teacher_grad(name, named[name])
 
 
+def check_logits_dtype(logits_dtype, named_tensors: dict) -> None:
+    """``logits_dtype`` is None, or a half-precision dtype that every hidden state, weight and bias has."""
+    if logits_dtype is None:
+        return
+    if not isinstance(logits_dtype, torch.dtype):
+        raise TypeError(f"logits_dtype must be None or a torch.dtype, got {type(logits_dtype).__name__}.")
+    if logits_dtype not in HALF_LOGITS_DTYPES:
+        raise ValueError(f"logits_dtype must be None (float32 logits from the tensors as given), torch.bfloat16 "
+                         f"or torch.float16, got {logits_dtype}.")
+    for name, tensor in named_tensors.items():
+        if tensor is not None and tensor.dtype != logits_dtype:
+            raise ValueError(
+                f"{name} has dtype {tensor.dtype} but logits_dtype={logits_dtype}: the matmuls run in logits_dtype "
+                f"on the tensors as given, so every hidden state, weight and bias must be {logits_dtype}; cast "
+                f"{name} with .to({logits_dtype}), or pass logits_dtype=None for float32 logits.")
+
+
 def check_projection(logit_scale, logit_softcap, chunk_size) -> None:
     rows.check_real("logit_scale", logit_scale, "a finite number > 0", lambda x: rows.is_finite(x) and x > 0)
     if logit_softcap is not None:
@@ -137,19 +166,24 @@ class Projection(NamedTuple):
     scale: float
     softcap: float | None
 
-    def finish(self, logits: torch.Tensor) -> None:
-        """Applies the scale and the softcap, in place, to ``h Wᵀ + b``."""
+    def finish(self, logits: torch.Tensor, saved_tanh: torch.Tensor | None = None) -> None:
+        """Applies the scale and the softcap, in place, to ``h Wᵀ + b``, one rounded operation at a time,
+        as a model does; the softcap's tanh goes to ``saved_tanh`` too, when given, for :meth:`chain`."""
         if self.softcap is not None:
-            logits.mul_(self.scale / self.softcap).tanh_().mul_(self.softcap)
+            logits.mul_(self.scale / self.softcap).tanh_()
+            if saved_tanh is not None:
+                saved_tanh.copy_(logits)
+            logits.mul_(self.softcap)
         elif self.scale != 1.0:
             logits.mul_(self.scale)
 
-    def chain(self, grad: torch.Tensor, logits: torch.Tensor) -> None:
+    def chain(self, grad: torch.Tensor, saved_tanh: torch.Tensor | None) -> None:
         """Turns the gradient w.r.t. the logits into that w.r.t. ``h Wᵀ + b``, up to the factor ``scale``
-        (which the matmuls apply). The softcap's derivative is 1 − (logits / softcap)²; ``logits`` is
-        overwritten."""
+        (which the matmuls apply), in place. The softcap's derivative 1 − tanh² is formed from the saved
+        tanh, not from the logits: near saturation 1 − (logits / softcap)² would cancel the logits'
+        rounding error into a large relative one (bfloat16 logits)."""
         if self.softcap is not None:
-            grad.mul_(logits.div_(self.softcap).square_().neg_().add_(1.0))
+            torch.ops.aten.tanh_backward.grad_input(grad, saved_tanh, grad_input=grad)
 
 
 class SlabbedWeight:
@@ -165,6 +199,11 @@ class SlabbedWeight:
         if weight.dtype != compute_dtype:
             self._buffer = torch.empty(min(slab_rows, vocab), hidden, dtype=compute_dtype, device=weight.device)
 
+    @property
+    def in_place(self) -> bool:
+        """Whether the weight is read as it is, in one slab (no upcast)."""
+        return self._buffer is None
+
     def slab(self, start: int, end: int) -> torch.Tensor:
         if self._buffer is None:
             return self.weight[start:end]
@@ -174,30 +213,48 @@ class SlabbedWeight:
 
 
 class WeightGradient:
-    """Accumulator of a weight's gradient in the compute dtype, by the slabs of :class:`SlabbedWeight`.
+    """Accumulator of a weight's gradient in the accumulation dtype (float32, or float64), by vocabulary
+    slabs of ``SLAB_ELEMENTS``, or whole when it is stored in that dtype and formed in it.
 
     When the gradient is stored in another dtype (a bfloat16 weight's), each slab is its own tensor, so
-    that converting them one by one into the result frees each as soon as it is copied.
+    that converting them one by one into the result frees each as soon as it is copied. When each
+    chunk's product is formed in a narrower dtype (half-precision logits), it lands in a reused
+    slab-sized buffer and is added from there.
     """
 
-    def __init__(self, weight: SlabbedWeight, compute_dtype: torch.dtype):
-        vocab, hidden = weight.weight.shape
-        self.stored_dtype = ops.gradient_dtype(weight.weight.dtype)
+    def __init__(self, weight: torch.Tensor, accumulate_dtype: torch.dtype, product_dtype: torch.dtype):
+        vocab, hidden = weight.shape
+        self.stored_dtype = ops.gradient_dtype(weight.dtype)
         self.shape = (vocab, hidden)
-        self.slabs = weight.slabs
-        device = weight.weight.device
-        if self.stored_dtype == compute_dtype:
-            self._whole = torch.zeros(vocab, hidden, dtype=compute_dtype, device=device)
+        whole = self.stored_dtype == accumulate_dtype and product_dtype == accumulate_dtype
+        slab_rows = vocab if whole else max(1, SLAB_ELEMENTS // hidden)
+        self.slabs = [(start, min(start + slab_rows, vocab)) for start in range(0, vocab, slab_rows)]
+        device = weight.device
+        if self.stored_dtype == accumulate_dtype:
+            self._whole = torch.zeros(vocab, hidden, dtype=accumulate_dtype, device=device)
             self._parts = [self._whole[start:end] for start, end in self.slabs]
         else:
             self._whole = None
-            self._parts = [torch.zeros(end - start, hidden, dtype=compute_dtype, device=device)
+            self._parts = [torch.zeros(end - start, hidden, dtype=accumulate_dtype, device=device)
                            for start, end in self.slabs]
+        self._product = None
+        if product_dtype != accumulate_dtype:
+            self._product = torch.empty(min(slab_rows, vocab), hidden, dtype=product_dtype, device=device)
 
     def part(self, index: int) -> torch.Tensor:
         return self._parts[index]
 
+    def add(self, grad: torch.Tensor, hidden: torch.Tensor, scale: float) -> None:
+        """Adds ``scale · gradᵀ hidden`` for a chunk's ``grad`` ``[r, V]`` and ``hidden`` ``[r, H]``."""
+        for part, (start, end) in zip(self._parts, self.slabs):
+            grad_slab = grad[:, start:end].t()
+            if self._product is None:
+                part.addmm_(grad_slab, hidden, alpha=scale)
+            else:
+                part.add_(torch.mm(grad_slab, hidden, out=self._product[: end - start]), alpha=scale)
+
     def result(self) -> torch.Tensor:
+        self._product = None
         if self._whole is not None:
             return self._whole
         result = torch.empty(self.shape, dtype=self.stored_dtype, device=self._parts[0].device)
@@ -243,22 +300,30 @@ def row_step(student: torch.Tensor, teachers: tuple[torch.Tensor, ...], rows_sli
 
 
 def project(hidden: torch.Tensor, weight: SlabbedWeight, bias: torch.Tensor | None, projection: Projection,
-            out: torch.Tensor) -> None:
-    """``out[m] = projection(hidden[m] Wᵀ + b)``: ``hidden`` ``[M, H]`` and ``out`` ``[M, V]`` in the compute dtype."""
+            out: torch.Tensor, saved_tanh: torch.Tensor | None = None) -> None:
+    """``out[m] = projection(hidden[m] Wᵀ + b)``: ``hidden`` ``[M, H]`` and ``out`` ``[M, V]`` in the logits'
+    dtype (``saved_tanh``: see :meth:`Projection.finish`)."""
     for start, end in weight.slabs:
         slab = weight.slab(start, end)
         if bias is None:
             torch.mm(hidden, slab.t(), out=out[:, start:end])
         else:
             torch.addmm(bias[start:end], hidden, slab.t(), out=out[:, start:end])
-    projection.finish(out)
+    projection.finish(out, saved_tanh)
 
 
 def teacher_logits(hiddens: tuple[torch.Tensor, ...], weight: SlabbedWeight, bias: torch.Tensor | None,
-                   projection: Projection, stacked: torch.Tensor, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The teacher's logits blocks for one or more views of the same rows, in one matmul per weight slab:
-    the views' hidden states ``[r, H_t]`` are stacked into ``stacked`` and projected into ``out``."""
+                   projection: Projection, stacked: torch.Tensor | None, out: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The teacher's logits blocks for one or more views of the same rows, into ``out``. With a ``stacked``
+    buffer (float32 logits), one matmul per weight slab: the views' hidden states ``[r, H_t]`` are upcast
+    into it, stacked. Without (half-precision logits), one matmul per view on its hidden states as given,
+    so that each view's logits are those of the lm_head on its own rows."""
     n_rows = hiddens[0].shape[0]
+    if stacked is None:
+        blocks = tuple(out[index * n_rows:(index + 1) * n_rows] for index in range(len(hiddens)))
+        for hidden, block in zip(hiddens, blocks):
+            project(hidden, weight, bias, projection, block)
+        return blocks
     stacked = stacked[: len(hiddens) * n_rows]
     for index, hidden in enumerate(hiddens):
         stacked[index * n_rows:(index + 1) * n_rows].copy_(hidden)
@@ -275,28 +340,29 @@ class StudentGradients:
     def __init__(self, hidden: torch.Tensor | None, weight: WeightGradient | None, bias: torch.Tensor | None,
                  hidden_accumulator: torch.Tensor | None, reduce_hidden: Callable[[torch.Tensor], None] | None):
         self.hidden, self.weight, self.bias = hidden, weight, bias
-        self._hidden_accumulator = hidden_accumulator  # [chunk rows, H] in the compute dtype
+        self._hidden_accumulator = hidden_accumulator  # [chunk rows, H] in the accumulation dtype
         self._reduce_hidden = reduce_hidden
 
     def add_chunk(self, grad: torch.Tensor, hidden: torch.Tensor, weight: SlabbedWeight, rows_slice: slice,
                   scale: float) -> None:
-        """``grad`` ``[r, V]`` is the gradient w.r.t. ``hidden Wᵀ + b`` divided by ``scale``."""
-        accumulator = None
+        """``grad`` ``[r, V]`` is the gradient w.r.t. ``hidden Wᵀ + b`` divided by ``scale``, in the logits'
+        dtype, as are ``hidden`` and the weight's slabs: the matmuls run in it, the sums in the
+        accumulators' dtype."""
         if self.hidden is not None:
             accumulator = self._hidden_accumulator[: grad.shape[0]]
-            accumulator.zero_()
-        for index, (start, end) in enumerate(weight.slabs):
-            grad_slab = grad[:, start:end]
-            if accumulator is not None:
-                accumulator.addmm_(grad_slab, weight.slab(start, end), alpha=scale)
-            if self.weight is not None:
-                self.weight.part(index).addmm_(grad_slab.t(), hidden, alpha=scale)
-        if accumulator is not None:
+            if weight.in_place and grad.dtype != accumulator.dtype:  # half-precision logits: one matmul
+                accumulator.copy_(torch.mm(grad, weight.weight)).mul_(scale)
+            else:
+                accumulator.zero_()
+                for start, end in weight.slabs:
+                    accumulator.addmm_(grad[:, start:end], weight.slab(start, end), alpha=scale)
             if self._reduce_hidden is not None:
-                self._reduce_hidden(accumulator)  # in the compute dtype: rounded once, after the sum
+                self._reduce_hidden(accumulator)  # in the accumulation dtype: rounded once, after the sum
             self.hidden[rows_slice].copy_(accumulator)
+        if self.weight is not None:
+            self.weight.add(grad, hidden, scale)
         if self.bias is not None:
-            self.bias.add_(grad.sum(0), alpha=scale)
+            self.bias.add_(grad.sum(0, dtype=self.bias.dtype), alpha=scale)
 
 
 def chunks_with_active_rows(active: torch.Tensor, chunk_rows: int) -> list[bool]:
@@ -307,19 +373,20 @@ def chunks_with_active_rows(active: torch.Tensor, chunk_rows: int) -> list[bool]
 
 class ChunkBuffers:
     """The buffers of one chunk, allocated once per call and reused by every chunk: the student's logits
-    (which receive their gradient in place, unless the softcap's derivative needs them, then ``grad``),
-    the teacher's blocks (one per view), and the hidden states upcast to the compute dtype."""
+    (which receive their gradient in place), the softcap's tanh of them (``saved_tanh``, with a softcap
+    and gradients), the teacher's blocks (one per view), and the hidden states upcast to the logits' dtype (the teacher's
+    stacked, when ``stack_teacher``)."""
 
     def __init__(self, rows: int, student_hidden: torch.Tensor, teacher_views: int, teacher_size: int, vocab: int,
-                 compute: torch.dtype, separate_grad: bool):
+                 compute: torch.dtype, save_tanh: bool, stack_teacher: bool):
         def empty(*shape):
             return torch.empty(shape, dtype=compute, device=student_hidden.device)
 
         self.student_logits = empty(rows, vocab)
         self.teacher_logits = empty(teacher_views * rows, vocab)
-        self.teacher_hidden = empty(teacher_views * rows, teacher_size)
+        self.teacher_hidden = empty(teacher_views * rows, teacher_size) if stack_teacher else None
         self.student_hidden = empty(rows, student_hidden.shape[1]) if student_hidden.dtype != compute else None
-        self.grad = empty(rows, vocab) if separate_grad else None
+        self.saved_tanh = empty(rows, vocab) if save_tanh else None
 
     def hidden(self, student_hidden: torch.Tensor) -> torch.Tensor:
         """The chunk's student hidden states in the compute dtype."""
@@ -331,43 +398,63 @@ class ChunkBuffers:
 
 
 def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    """float64 when any input is float64 (exact checks), float32 otherwise."""
+    """The accumulation dtype: float64 when any input is float64 (exact checks), float32 otherwise."""
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def gradient_unit(row_scale: torch.Tensor) -> float:
+    """The power of two nearest below the largest |row scale| (1 when all are 0 or one is not finite).
+
+    With half-precision logits the row kernel writes the logits' gradient in half precision; formed at
+    ``row_scale / unit``, its entries keep float16's precision where ``row_scale`` (e.g. 1/N) would push
+    the small ones below float16's range. The matmuls multiply ``unit`` back in float32.
+    """
+    largest = row_scale.abs().max().item() if row_scale.numel() else 0.0
+    return 2.0 ** math.floor(math.log2(largest)) if 0 < largest < math.inf else 1.0
 
 
 def chunk_loop(student_hidden, student_weight, student_bias, teacher_hiddens: tuple[torch.Tensor, ...],
                teacher_weight, teacher_bias, projection: Projection, chunk_rows: int, settings: RowSettings,
-               needs_grad: tuple[bool, bool, bool], reduce_hidden: Callable[[torch.Tensor], None] | None = None):
+               needs_grad: tuple[bool, bool, bool], reduce_hidden: Callable[[torch.Tensor], None] | None = None,
+               half_logits: bool = False):
     """(row losses [N], diagnostics [N_DIAGNOSTICS, N] or None, hidden, weight and bias gradients or None).
 
     The hidden states are ``[N, H]``; ``teacher_hiddens`` are the teacher's views (two, or one). Chunks
-    without an active row are skipped: no matmul, loss 0, gradient 0.
+    without an active row are skipped: no matmul, loss 0, gradient 0. ``half_logits``: the logits and
+    the matmuls are in the dtype of every input (bfloat16 or float16), the sums in float32.
     """
     n_rows, vocab = student_hidden.shape[0], student_weight.shape[0]
-    compute = compute_dtype(student_hidden, student_weight, student_bias, *teacher_hiddens, teacher_weight,
-                            teacher_bias)
+    accumulate = compute_dtype(student_hidden, student_weight, student_bias, *teacher_hiddens, teacher_weight,
+                               teacher_bias)
+    logits = student_hidden.dtype if half_logits else accumulate
     device = student_hidden.device
-    row_loss = torch.zeros(n_rows, dtype=compute, device=device)
+    row_loss = torch.zeros(n_rows, dtype=accumulate, device=device)
     diagnostics = (torch.zeros(N_DIAGNOSTICS, n_rows, dtype=torch.float32, device=device)
                    if settings.with_diagnostics else None)
-    student_w, teacher_w = SlabbedWeight(student_weight, compute), SlabbedWeight(teacher_weight, compute)
-    student_b, teacher_b = (None if b is None else b.to(compute) for b in (student_bias, teacher_bias))
+    student_w, teacher_w = SlabbedWeight(student_weight, logits), SlabbedWeight(teacher_weight, logits)
+    student_b, teacher_b = (None if b is None else b.to(logits) for b in (student_bias, teacher_bias))
     rows_per_chunk = min(chunk_rows, max(n_rows, 1))
     gradients = StudentGradients(
         hidden=(torch.zeros(student_hidden.shape, dtype=ops.gradient_dtype(student_hidden.dtype), device=device)
                 if needs_grad[0] else None),
-        weight=WeightGradient(student_w, compute) if needs_grad[1] else None,
-        bias=torch.zeros(vocab, dtype=compute, device=device) if needs_grad[2] else None,
-        hidden_accumulator=(torch.empty(rows_per_chunk, student_hidden.shape[1], dtype=compute, device=device)
+        weight=WeightGradient(student_weight, accumulate, logits) if needs_grad[1] else None,
+        bias=torch.zeros(vocab, dtype=accumulate, device=device) if needs_grad[2] else None,
+        hidden_accumulator=(torch.empty(rows_per_chunk, student_hidden.shape[1], dtype=accumulate, device=device)
                             if needs_grad[0] else None),
         reduce_hidden=reduce_hidden,
     )
     compute_grad = any(needs_grad)
+    grad_scale = projection.scale
+    if compute_grad and half_logits:
+        unit = gradient_unit(settings.row_scale[settings.active])
+        settings = settings._replace(row_scale=settings.row_scale / unit)
+        grad_scale *= unit
     active_chunks = chunks_with_active_rows(settings.active, rows_per_chunk)
     buffers = None
     if any(active_chunks):
         buffers = ChunkBuffers(rows_per_chunk, student_hidden, len(teacher_hiddens), teacher_weight.shape[1], vocab,
-                               compute, separate_grad=compute_grad and projection.softcap is not None)
+                               logits, save_tanh=compute_grad and projection.softcap is not None,
+                               stack_teacher=not half_logits)
     for index, start in enumerate(range(0, n_rows, rows_per_chunk)):
         if not active_chunks[index]:
             continue
@@ -375,19 +462,18 @@ def chunk_loop(student_hidden, student_weight, student_bias, teacher_hiddens: tu
         count = rows_slice.stop - start
         hidden = buffers.hidden(student_hidden[rows_slice])
         student = buffers.student_logits[:count]
-        project(hidden, student_w, student_b, projection, student)
+        saved_tanh = None if buffers.saved_tanh is None else buffers.saved_tanh[:count]
+        project(hidden, student_w, student_b, projection, student, saved_tanh)
         teachers = teacher_logits(tuple(h[rows_slice] for h in teacher_hiddens), teacher_w, teacher_b, projection,
                                   buffers.teacher_hidden, buffers.teacher_logits)
-        grad = None
-        if compute_grad:
-            grad = student if buffers.grad is None else buffers.grad[:count]
+        grad = student if compute_grad else None  # the row kernel writes the gradient over the logits
         result = row_step(student, teachers, rows_slice, settings, grad)
         row_loss[rows_slice] = result.row_loss
         if diagnostics is not None:
             diagnostics[:, rows_slice] = result.diagnostics
         if compute_grad:
-            projection.chain(grad, student)
-            gradients.add_chunk(grad, hidden, student_w, rows_slice, projection.scale)
+            projection.chain(grad, saved_tanh)
+            gradients.add_chunk(grad, hidden, student_w, rows_slice, grad_scale)
     del buffers, student_w, teacher_w  # freed before the weight gradient is converted
     weight_grad = None if gradients.weight is None else gradients.weight.result()
     bias_grad = None if gradients.bias is None else gradients.bias.to(ops.gradient_dtype(student_bias.dtype))
@@ -399,8 +485,8 @@ def chunk_loop(student_hidden, student_weight, student_bias, teacher_hiddens: tu
 
 def fused_linear_outputs(student_hidden, student_weight, student_bias, teacher_hidden, full_hidden, teacher_weight,
                          teacher_bias, row_temperature, active, row_scale, labels, logit_scale, logit_softcap,
-                         chunk_rows, lam, clip, beta, reduce, grad_hidden, grad_weight, grad_bias, with_diagnostics,
-                         backend, compute_rows=None, reduce_hidden=None):
+                         chunk_rows, half_logits, lam, clip, beta, reduce, grad_hidden, grad_weight, grad_bias,
+                         with_diagnostics, backend, compute_rows=None, reduce_hidden=None):
     """The computation of :func:`fused_linear_op` (its arguments, then the two hooks of a vocabulary shard:
     the per-row contract's function and the hidden-state gradient's sum over ranks)."""
     settings = RowSettings(row_temperature, active, row_scale, labels, lam, clip, beta, with_diagnostics, backend,
@@ -409,7 +495,7 @@ def fused_linear_outputs(student_hidden, student_weight, student_bias, teacher_h
     row_loss, diagnostics, *gradients = chunk_loop(
         student_hidden, student_weight, student_bias, teacher_hiddens, teacher_weight, teacher_bias,
         Projection(logit_scale, logit_softcap), chunk_rows, settings, (grad_hidden, grad_weight, grad_bias),
-        reduce_hidden)
+        reduce_hidden, half_logits)
     return (ops.scaled_loss(row_loss, row_scale, reduce),
             student_hidden.new_empty(0, dtype=torch.float32) if diagnostics is None else diagnostics,
             *(student_hidden.new_empty(0) if gradient is None else gradient for gradient in gradients))
@@ -431,6 +517,7 @@ def fused_linear_op(
     logit_scale: float,
     logit_softcap: float | None,
     chunk_rows: int,
+    half_logits: bool,
     lam: float,
     clip: float,
     beta: float,
@@ -443,19 +530,20 @@ def fused_linear_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (loss, diagnostics, hidden gradient, weight gradient, bias gradient) for ``[N, H]`` hidden
     states. ``teacher_hidden`` is the partial view, or the one teacher when ``full_hidden`` is None.
+    ``half_logits``: logits and matmuls in the inputs' one dtype (``logits_dtype=``), else float32.
     ``loss`` is ``sum(row_scale * D)`` when ``reduce`` else ``row_scale * D`` per row; each gradient is
     that of ``sum(row_scale * D)``, in :func:`ops.gradient_dtype` of its tensor, or an empty tensor when
     not asked for; so are the diagnostics."""
     return fused_linear_outputs(
         student_hidden, student_weight, student_bias, teacher_hidden, full_hidden, teacher_weight, teacher_bias,
-        row_temperature, active, row_scale, labels, logit_scale, logit_softcap, chunk_rows, lam, clip, beta, reduce,
-        grad_hidden, grad_weight, grad_bias, with_diagnostics, backend)
+        row_temperature, active, row_scale, labels, logit_scale, logit_softcap, chunk_rows, half_logits, lam, clip,
+        beta, reduce, grad_hidden, grad_weight, grad_bias, with_diagnostics, backend)
 
 
 @fused_linear_op.register_fake
 def _(student_hidden, student_weight, student_bias, teacher_hidden, full_hidden, teacher_weight, teacher_bias,
-      row_temperature, active, row_scale, labels, logit_scale, logit_softcap, chunk_rows, lam, clip, beta, reduce,
-      grad_hidden, grad_weight, grad_bias, with_diagnostics, backend):
+      row_temperature, active, row_scale, labels, logit_scale, logit_softcap, chunk_rows, half_logits, lam, clip, beta,
+      reduce, grad_hidden, grad_weight, grad_bias, with_diagnostics, backend):
     n_rows = student_hidden.shape[0]
     compute = compute_dtype(student_hidden, student_weight, student_bias, teacher_hidden, full_hidden,
                             teacher_weight, teacher_bias)
@@ -471,10 +559,10 @@ def _(student_hidden, student_weight, student_bias, teacher_hidden, full_hidden,
             gradient(grad_bias, student_bias))
 
 
-_N_OP_INPUTS = 23
+_N_OP_INPUTS = 24
 _STUDENT_INPUTS = (0, 1, 2)  # student_hidden, student_weight, student_bias: the inputs gradients go to
 _RECOMPUTE_TENSORS = slice(0, 10)  # the tensors up to row_scale (the labels serve the diagnostics only)
-_SETTINGS, _REDUCE, _WANTED, _BACKEND = slice(11, 17), 17, slice(18, 21), 22
+_SETTINGS, _REDUCE, _WANTED, _BACKEND = slice(11, 18), 18, slice(19, 22), 23
 
 
 def _setup_context(ctx, inputs, output):
@@ -509,13 +597,13 @@ def _recomputed_gradients(ctx, grad_loss):
     ops.refuse_double_backward()
     (student_hidden, student_weight, student_bias, teacher_hidden, full_hidden, teacher_weight, teacher_bias,
      row_temperature, active, row_scale) = ctx.saved_tensors
-    logit_scale, logit_softcap, chunk_rows, lam, clip, beta, backend = ctx.settings
+    logit_scale, logit_softcap, chunk_rows, half_logits, lam, clip, beta, backend = ctx.settings
     scale = row_scale * grad_loss.to(torch.float32)
     wanted = [ctx.needs_input_grad[i] for i in _STUDENT_INPUTS]
     _, _, *stored = ctx.run(
         student_hidden, student_weight, student_bias, teacher_hidden, full_hidden, teacher_weight, teacher_bias,
-        row_temperature, active & (scale != 0), scale, None, logit_scale, logit_softcap, chunk_rows, lam, clip, beta,
-        True, wanted[0], wanted[1], wanted[2] and student_bias is not None, False, backend)
+        row_temperature, active & (scale != 0), scale, None, logit_scale, logit_softcap, chunk_rows, half_logits, lam,
+        clip, beta, True, wanted[0], wanted[1], wanted[2] and student_bias is not None, False, backend)
     return [gradient.to(dtype) if want else None for gradient, want, dtype in zip(stored, wanted, ctx.dtypes)]
 
 
@@ -552,6 +640,7 @@ class LinearCall(NamedTuple):
     plan: rows.RowPlan
     projection: tuple[float, float | None]  # logit_scale, logit_softcap
     chunk_rows: int
+    logits_dtype: torch.dtype  # of the logits blocks: the logits_dtype keyword, or float32 (float64)
     settings: tuple[float, float, float, bool]  # lam, clip, beta, reduce
     stored_gradients: tuple[bool, bool, bool]  # hidden, weight, bias: computed in the forward pass
     return_diagnostics: bool
@@ -561,12 +650,13 @@ class LinearCall(NamedTuple):
 
     def op_arguments(self) -> tuple:
         lam, clip, beta, reduce = self.settings
-        return (*self.tensors, *self.plan, *self.projection, self.chunk_rows, lam, clip, beta, reduce,
+        half_logits = self.logits_dtype in HALF_LOGITS_DTYPES
+        return (*self.tensors, *self.plan, *self.projection, self.chunk_rows, half_logits, lam, clip, beta, reduce,
                 *self.stored_gradients, self.return_diagnostics, self.backend)
 
 
 def prepare_call(student_hidden, student_weight, teacher_hiddens: tuple, teacher_weight, names, *, student_bias,
-                 teacher_bias, logit_scale, logit_softcap, chunk_size, lam, clip, beta, temperature, labels,
+                 teacher_bias, logit_scale, logit_softcap, chunk_size, logits_dtype, lam, clip, beta, temperature, labels,
                  ignore_index, mask, weights, reduction, num_items_in_batch, return_diagnostics, backend,
                  whole_vocabulary: bool = True) -> LinearCall:
     """Validates every argument (before any matmul or kernel) and plans the rows.
@@ -577,17 +667,21 @@ def prepare_call(student_hidden, student_weight, teacher_hiddens: tuple, teacher
     check_inputs(student_hidden, student_weight, teacher_hiddens, teacher_weight, student_bias, teacher_bias, names)
     rows.check_settings(lam, clip, beta, reduction, backend, num_items_in_batch)
     check_projection(logit_scale, logit_softcap, chunk_size)
+    check_logits_dtype(logits_dtype, {"student_hidden": student_hidden, "student_weight": student_weight,
+                                      **dict(zip(names[1:], teacher_hiddens)), "teacher_weight": teacher_weight,
+                                      "student_bias": student_bias, "teacher_bias": teacher_bias})
     batch_shape, vocab = student_hidden.shape[:-1], student_weight.shape[0]
     device = student_hidden.device
     label_vocab = vocab if return_diagnostics and whole_vocabulary else None
     plan = rows.plan_rows(batch_shape, device, temperature=temperature, labels=labels, ignore_index=ignore_index,
                           mask=mask, weights=weights, reduction=reduction, num_items_in_batch=num_items_in_batch,
                           label_vocab=label_vocab)
-    logits_dtype = compute_dtype(student_hidden, student_weight, *teacher_hiddens, teacher_weight, student_bias,
-                                 teacher_bias)
-    name = backends.resolve(backend, device, (logits_dtype,))
+    blocks_dtype = logits_dtype or compute_dtype(student_hidden, student_weight, *teacher_hiddens, teacher_weight,
+                                                 student_bias, teacher_bias)
+    name = backends.resolve(backend, device, (blocks_dtype,))
     if chunk_size is None:
-        chunk_size = batch_shape.numel() if name == "reference" else default_chunk_rows(student_hidden.shape[-1])
+        chunk_size = (batch_shape.numel() if name == "reference"
+                      else default_chunk_rows(student_hidden.shape[-1], logits_dtype))
     reduce = reduction != "none"
     grad_enabled = torch.is_grad_enabled()
     wants = [grad_enabled and t is not None and t.requires_grad for t in (student_hidden, student_weight, student_bias)]
@@ -596,7 +690,7 @@ def prepare_call(student_hidden, student_weight, teacher_hiddens: tuple, teacher
                teacher_bias)
     return LinearCall(
         tensors, plan, (float(logit_scale), None if logit_softcap is None else float(logit_softcap)),
-        max(chunk_size, 1), (float(lam), float(clip), float(beta), reduce),
+        max(chunk_size, 1), blocks_dtype, (float(lam), float(clip), float(beta), reduce),
         tuple(reduce and want for want in wants),  # per-token losses: gradients are computed in backward
         return_diagnostics, name, batch_shape, labels is not None)
 
@@ -646,6 +740,7 @@ def fused_linear_anchored_residual_kl(
     logit_scale: float = 1.0,
     logit_softcap: float | None = None,
     chunk_size: int | None = None,
+    logits_dtype: torch.dtype | None = None,
     lam: float = 1.0,
     clip: float = 5.0,
     beta: float = 1.0,
@@ -669,6 +764,10 @@ def fused_linear_anchored_residual_kl(
     The teacher's two views share ``teacher_weight`` and ``teacher_bias``; its hidden size may differ from
     the student's. Gradients go to ``student_hidden``, ``student_weight`` and ``student_bias``, whichever
     require grad. ``chunk_size`` is the number of rows per chunk (None: :func:`default_chunk_rows`).
+    ``logits_dtype``: None computes the logits in float32 from the tensors as given; ``torch.bfloat16`` or
+    ``torch.float16``, the dtype of every hidden state, weight and bias, runs the matmuls in it and
+    rounds the logits to it, as ``F.linear`` in that dtype (the model's own logits) does, each chunk's
+    rows at a time; the weight and bias gradients are still summed in float32.
     ``process_group``: the weights and biases are this rank's contiguous vocabulary shard ``[V_r, H]``
     (hidden states replicated); ``reduce_hidden_grad`` sums the hidden states' gradient over the group
     (False: each rank keeps its shard's part, for a column-parallel layer that reduces it).
@@ -677,7 +776,7 @@ def fused_linear_anchored_residual_kl(
     return _fused_linear(
         student_hidden, student_weight, (partial_teacher_hidden, full_teacher_hidden), teacher_weight, ANCHORED_NAMES,
         student_bias=student_bias, teacher_bias=teacher_bias, logit_scale=logit_scale, logit_softcap=logit_softcap,
-        chunk_size=chunk_size, lam=lam, clip=clip, beta=beta, temperature=temperature, labels=labels,
+        chunk_size=chunk_size, logits_dtype=logits_dtype, lam=lam, clip=clip, beta=beta, temperature=temperature, labels=labels,
         ignore_index=ignore_index, mask=mask, weights=weights, reduction=reduction,
         num_items_in_batch=num_items_in_batch, return_diagnostics=return_diagnostics, backend=backend,
         process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
@@ -694,6 +793,7 @@ def fused_linear_distillation_divergence(
     logit_scale: float = 1.0,
     logit_softcap: float | None = None,
     chunk_size: int | None = None,
+    logits_dtype: torch.dtype | None = None,
     beta: float = 1.0,
     temperature: float | torch.Tensor = 1.0,
     labels: torch.Tensor | None = None,
@@ -715,7 +815,7 @@ def fused_linear_distillation_divergence(
     return _fused_linear(
         student_hidden, student_weight, (teacher_hidden,), teacher_weight, ONE_TEACHER_NAMES,
         student_bias=student_bias, teacher_bias=teacher_bias, logit_scale=logit_scale, logit_softcap=logit_softcap,
-        chunk_size=chunk_size, lam=0.0, clip=math.inf, beta=beta, temperature=temperature, labels=labels,
+        chunk_size=chunk_size, logits_dtype=logits_dtype, lam=0.0, clip=math.inf, beta=beta, temperature=temperature, labels=labels,
         ignore_index=ignore_index, mask=mask, weights=weights, reduction=reduction,
         num_items_in_batch=num_items_in_batch, return_diagnostics=return_diagnostics, backend=backend,
         process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)

@@ -8,7 +8,7 @@ runs under ``torch.no_grad()`` (a loss evaluated for logging). A provider's ``st
 the student tensor each call receives, before its timer starts: the shared leaf itself, or for the
 ``inplace_grad`` providers a fresh non-leaf copy, as a model's forward hands its logits to the loss.
 
-The ``linear+`` providers and ``fused-linear`` start one step earlier, from the lm_head's inputs (a
+The ``linear+`` and ``fused-linear`` providers start one step earlier, from the lm_head's inputs (a
 provider's ``inputs`` makes them): ``step(student_hidden, student_weight, partial_hidden, full_hidden,
 teacher_weight, backward)`` computes the logits too, and with ``backward`` the gradients of the
 student's hidden states and weight.
@@ -24,7 +24,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from aropd_kernels import anchored_residual_kl, backends, fused_linear_anchored_residual_kl
+from aropd_kernels import anchored_residual_kl, backends, fused_linear, fused_linear_anchored_residual_kl
 from bench import vocab_parallel
 from bench.shapes import Shape
 
@@ -253,10 +253,21 @@ def linear_package_provider(backend: str) -> tuple[Callable, Callable]:
     return make, why_unavailable
 
 
-def make_fused_linear(settings: LossSettings) -> Callable:
-    return hidden_step(lambda hs, ws, hp, hf, wt: fused_linear_anchored_residual_kl(
-        hs, ws, hp, hf, wt, lam=settings.lam, clip=settings.clip, beta=settings.beta,
-        temperature=settings.temperature, reduction="batchmean"))
+def fused_linear_provider(model_logits: bool = False) -> tuple[Callable, Callable]:
+    """``make`` and ``why_unavailable`` for fused_linear_anchored_residual_kl; with ``model_logits``, its
+    logits in the inputs' half-precision dtype (``logits_dtype=``), as the model's lm_head gives them."""
+
+    def make(settings: LossSettings) -> Callable:
+        return hidden_step(lambda hs, ws, hp, hf, wt: fused_linear_anchored_residual_kl(
+            hs, ws, hp, hf, wt, lam=settings.lam, clip=settings.clip, beta=settings.beta,
+            temperature=settings.temperature, reduction="batchmean", logits_dtype=hs.dtype if model_logits else None))
+
+    def why_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
+        if model_logits and dtype not in fused_linear.HALF_LOGITS_DTYPES:
+            return f"logits_dtype takes bfloat16 or float16 inputs, not {dtype}; use --dtype bfloat16"
+        return None
+
+    return make, why_unavailable
 
 
 def the_leaf(student: torch.Tensor) -> torch.Tensor:
@@ -300,9 +311,13 @@ PROVIDERS = {
                               by_default=False, inputs=hidden_inputs),
     "linear+native": Provider(*linear_package_provider("native"), "the lm_head matmuls, then 'native' (on request)",
                               by_default=False, inputs=hidden_inputs),
-    "fused-linear": Provider(make_fused_linear, always_available,
-                             "aropd_kernels.fused_linear_anchored_residual_kl: no N×V logits (on request)",
-                             by_default=False, inputs=hidden_inputs),
+    "fused-linear": Provider(*fused_linear_provider(),
+                             "aropd_kernels.fused_linear_anchored_residual_kl: no N×V logits, float32 logits "
+                             "(on request)", by_default=False, inputs=hidden_inputs),
+    "fused-linear-model-logits": Provider(*fused_linear_provider(model_logits=True),
+                                          "the same with logits_dtype= the inputs' half dtype: the model's own "
+                                          "logits, as linear+native's (on request)", by_default=False,
+                                          inputs=hidden_inputs),
 }
 # What run.py compares unless --providers says otherwise.
 DEFAULT_PROVIDERS = [name for name, provider in PROVIDERS.items() if provider.by_default]

@@ -152,6 +152,24 @@ def test_hidden_state_providers_compute_the_same_loss_and_gradients():
             torch.testing.assert_close(actual, wanted)
 
 
+def test_model_logits_provider_equals_the_matmuls_then_the_package_in_bfloat16():
+    """fused-linear-model-logits computes the logits the matmuls in bfloat16 give (one chunk here), so the
+    loss of linear+reference to float32 rounding; it is unavailable for float32 inputs, which logits_dtype=
+    refuses."""
+    inputs = PROVIDERS["fused-linear"].inputs(Shape("m", n_tokens=5, vocab=77, hidden=16), torch.bfloat16,
+                                              torch.device("cpu"))
+    settings = LossSettings()
+    fused = PROVIDERS["fused-linear-model-logits"].make(settings)(*inputs, True)
+    unfused = linear_package_provider("reference")[0](settings)(*inputs, True)
+    torch.testing.assert_close(fused[0], unfused[0], rtol=1e-5, atol=1e-6)
+    for actual, wanted in zip(fused[1:], unfused[1:]):
+        assert actual.dtype == torch.bfloat16
+        torch.testing.assert_close(actual.float(), wanted.float(), rtol=0.02, atol=1e-3)
+    provider = PROVIDERS["fused-linear-model-logits"]
+    assert "--dtype bfloat16" in provider.why_unavailable(torch.device("cpu"), torch.float32)
+    assert provider.why_unavailable(torch.device("cpu"), torch.bfloat16) is None
+
+
 def test_hidden_state_providers_run_where_the_hidden_size_is_known():
     sweep = shapes.sweep(["qwen2.5-0.5b", "Gemma-3"], [1000], [4])
     assert [shape.hidden for shape in sweep] == [896, None, None]

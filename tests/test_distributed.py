@@ -626,12 +626,17 @@ def fused_linear_bad_input_on_any_rank_is_refused_on_every_rank(ctx: Rank):
                           lambda: fused_linear_anchored_residual_kl(
                               problem.student_hidden, problem.student_weight, problem.partial_hidden,
                               problem.full_hidden, problem.teacher_weight, process_group="tp"))
-    # still in step: the loss equals the single-process call's on the whole weights
-    (_, _), loss, _ = sharded_linear_call(ctx, problem, one_teacher=False, group=group)
-    whole = {k: v for k, v in problem.kwargs.items()}
-    expected = fused_linear_anchored_residual_kl(problem.student_hidden, problem.student_weight, problem.partial_hidden,
-                                                 problem.full_hidden, problem.teacher_weight, **whole)
-    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    half = whole_linear_problem(5, ctx.world_size, torch.bfloat16)
+    refused_on_every_rank(ctx, ValueError, "disagree on logits_dtype", lambda: sharded_linear_call(
+        ctx, half, one_teacher=False, group=group, logits_dtype=torch.bfloat16 if ctx.rank == last else None))
+    # still in step: the loss equals the single-process call's on the whole weights, also with bfloat16 logits
+    for whole_problem, logits_dtype in ((problem, None), (half, torch.bfloat16)):
+        (_, _), loss, _ = sharded_linear_call(ctx, whole_problem, one_teacher=False, group=group,
+                                              logits_dtype=logits_dtype)
+        expected = fused_linear_anchored_residual_kl(
+            whole_problem.student_hidden, whole_problem.student_weight, whole_problem.partial_hidden,
+            whole_problem.full_hidden, whole_problem.teacher_weight, **whole_problem.kwargs, logits_dtype=logits_dtype)
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
 
 
 # --- in this process ------------------------------------------------------------------------------------

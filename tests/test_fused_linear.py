@@ -8,6 +8,7 @@ from unittest import mock
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given
 
 import aropd_kernels
@@ -91,8 +92,6 @@ class Expected:
 
     def __init__(self, problem: LinearProblem, dtype: torch.dtype, one_teacher: bool = False):
         kwargs = problem.kwargs
-        if one_teacher:
-            kwargs = {**kwargs, "lam": 0.0, "clip": math.inf}
         projection = (kwargs["logit_scale"], kwargs["logit_softcap"])
         leaves = [t.detach().to(dtype).requires_grad_(True) if t is not None else None
                   for t in (problem.student_hidden, problem.student_weight, kwargs.get("student_bias"))]
@@ -103,23 +102,104 @@ class Expected:
                                      None if kwargs.get("teacher_bias") is None else kwargs["teacher_bias"].to(dtype),
                                      *projection), vocab)
                        for h in (problem.partial_hidden, problem.full_hidden)]
+        grad_logits = self._gold_of_logits(problem, student.detach(), teacher, dtype, one_teacher)
+        wanted = [leaf for leaf in leaves if leaf is not None]
+        self.grads = list(torch.autograd.grad(student, wanted, grad_logits, allow_unused=True))
+        self.grads = [torch.zeros_like(w) if g is None else g for g, w in zip(self.grads, wanted)]
+
+    def _gold_of_logits(self, problem: LinearProblem, student: torch.Tensor, teacher: list, dtype: torch.dtype,
+                        one_teacher: bool) -> torch.Tensor:
+        """Sets the loss, diagnostics, token log-probabilities and row scale of these ``[N, V]`` logits;
+        returns the gradient of sum(row_scale · D) w.r.t. the student logits, in ``dtype``."""
+        kwargs = problem.kwargs
         if one_teacher:
-            teacher[1] = teacher[0]
+            kwargs = {**kwargs, "lam": 0.0, "clip": math.inf}
+            teacher = [teacher[0], teacher[0]]
         temperature = kwargs["temperature"]
+        temperature = _flat(temperature).to(dtype) if isinstance(temperature, torch.Tensor) else temperature
         result = gold(student, *teacher, lam=kwargs["lam"], clip=kwargs["clip"], beta=kwargs["beta"],
-                      temperature=_flat(temperature).to(dtype) if isinstance(temperature, torch.Tensor)
-                      else temperature, dtype=dtype)
+                      temperature=temperature, dtype=dtype)
         self.loss, self.diagnostics = result.loss, result.diagnostics
         self.token_logprobs = None
         if "labels" in kwargs:
             self.token_logprobs = gold_token_logprobs(
-                student.detach(), teacher[0], None if one_teacher else teacher[1], _flat(kwargs["labels"]), lam=kwargs["lam"], clip=kwargs["clip"],
-                temperature=_flat(temperature).to(dtype) if isinstance(temperature, torch.Tensor) else temperature)
+                student, teacher[0], None if one_teacher else teacher[1], _flat(kwargs["labels"]), lam=kwargs["lam"],
+                clip=kwargs["clip"], temperature=temperature)
         self.row_scale = expected_row_scale(problem)
-        grad_logits = result.grad.to(dtype) * self.row_scale.to(dtype).unsqueeze(-1)
-        wanted = [leaf for leaf in leaves if leaf is not None]
-        self.grads = list(torch.autograd.grad(student, wanted, grad_logits, allow_unused=True))
-        self.grads = [torch.zeros_like(w) if g is None else g for g, w in zip(self.grads, wanted)]
+        return result.grad.to(dtype) * self.row_scale.to(dtype).unsqueeze(-1)
+
+
+def chunk_rows_of(problem: LinearProblem) -> int:
+    """Rows per chunk of the drawn call: its chunk_size, or all rows (the drawn N is below every default)."""
+    n_rows = problem.student_hidden.shape[:-1].numel()
+    assert n_rows <= fused_linear.default_chunk_rows(1, torch.bfloat16)
+    return problem.kwargs["chunk_size"] or max(n_rows, 1)
+
+
+def model_logits(hidden, weight, bias, scale, softcap, chunk_rows):
+    """(logits ``[N, V]``, the lm_head's output before scale and softcap) in the tensors' dtype, as a model in
+    that dtype gives them: ``F.linear`` of ``chunk_rows`` rows at a time (a matmul of another number of rows
+    may round a logit differently), then the scale and softcap, one rounded operation at a time."""
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    linear = torch.cat([F.linear(flat[start:start + chunk_rows], weight, bias)
+                        for start in range(0, flat.shape[0], chunk_rows)]) if len(flat) else F.linear(flat, weight, bias)
+    if softcap is not None:
+        return (linear * (scale / softcap)).tanh() * softcap, linear
+    return (linear * scale if scale != 1.0 else linear), linear
+
+
+class ModelLogitsExpected(Expected):
+    """The float64 gold of ``logits_dtype=`` (every tensor of the problem in its student's half dtype): the
+    loss and diagnostics of the logits a model in that dtype gives, and the gradients of the hidden states,
+    weight and bias by the float64 chain rule from the gold gradient of those logits."""
+
+    def __init__(self, problem: LinearProblem, one_teacher: bool = False):
+        kwargs, rows = problem.kwargs, chunk_rows_of(problem)
+        projection = (kwargs["logit_scale"], kwargs["logit_softcap"])
+        student, linear = model_logits(problem.student_hidden, problem.student_weight, kwargs.get("student_bias"),
+                                       *projection, rows)
+        teacher = [model_logits(h, problem.teacher_weight, kwargs.get("teacher_bias"), *projection, rows)[0].double()
+                   for h in (problem.partial_hidden, problem.full_hidden)]
+        grad_logits = self._gold_of_logits(problem, student.double(), teacher, torch.float64, one_teacher)
+        scale, softcap = projection
+        derivative = scale if softcap is None else scale * (1 - torch.tanh(linear.double() * (scale / softcap)) ** 2)
+        grad_linear = grad_logits * derivative
+        hidden = problem.student_hidden.double().reshape(-1, problem.student_hidden.shape[-1])
+        self.grads = [(grad_linear @ problem.student_weight.double()).reshape(problem.student_hidden.shape),
+                      grad_linear.t() @ hidden]
+        if kwargs.get("student_bias") is not None:
+            self.grads.append(grad_linear.sum(0))
+
+
+def model_autograd_grads(problem: LinearProblem, one_teacher: bool) -> list[torch.Tensor]:
+    """The gradients a trainer in the problem's half dtype gets: autograd through F.linear and the
+    projection in that dtype, and the package's loss of those logits. The baseline of the gradient rule."""
+    kwargs = problem.kwargs
+    leaves = [t.detach().clone().requires_grad_(True) for t in
+              (problem.student_hidden, problem.student_weight, kwargs.get("student_bias")) if t is not None]
+    projection = (kwargs["logit_scale"], kwargs["logit_softcap"])
+    rows = max(problem.student_hidden.shape[:-1].numel(), 1)
+    student, _ = model_logits(leaves[0], leaves[1], leaves[2] if len(leaves) > 2 else None, *projection, rows)
+    teacher = [model_logits(h, problem.teacher_weight, kwargs.get("teacher_bias"), *projection, rows)[0]
+               for h in (problem.partial_hidden, problem.full_hidden)]
+    temperature = kwargs["temperature"]
+    common = dict(beta=kwargs["beta"], temperature=_flat(temperature) if isinstance(temperature, torch.Tensor)
+                  else temperature, mask=_active(problem), weights=expected_row_scale(problem).float(),
+                  reduction="sum", backend="reference")
+    if one_teacher:
+        loss = distillation_divergence(student, teacher[0], **common)
+    else:
+        loss = anchored_residual_kl(student, *teacher, lam=kwargs["lam"], clip=kwargs["clip"], **common)
+    return list(torch.autograd.grad(loss, leaves))
+
+
+def in_one_dtype(problem: LinearProblem) -> LinearProblem:
+    """The problem with every tensor in its student's dtype, as ``logits_dtype=`` requires."""
+    dtype = problem.student_hidden.dtype
+    kwargs = {name: value.to(dtype) if name in ("student_bias", "teacher_bias") else value
+              for name, value in problem.kwargs.items()}
+    return problem._replace(partial_hidden=problem.partial_hidden.to(dtype), full_hidden=problem.full_hidden.to(dtype),
+                            teacher_weight=problem.teacher_weight.to(dtype), kwargs=kwargs)
 
 
 def without(kwargs: dict, name: str) -> dict:
@@ -143,11 +223,16 @@ def floor_units(problem: LinearProblem, row_scale, row_temperature, active) -> l
             row_units.sum().item()]
 
 
-def check_against_gold(problem: LinearProblem, backend: str, one_teacher: bool = False) -> None:
-    """The anchored call, or with ``one_teacher`` the one-teacher call on the partial view, against the gold."""
+def check_against_gold(problem: LinearProblem, backend: str, one_teacher: bool = False,
+                       model_dtype_logits: bool = False) -> None:
+    """The anchored call, or with ``one_teacher`` the one-teacher call on the partial view, against the gold;
+    with ``model_dtype_logits``, called with ``logits_dtype=`` the problem's one dtype, against the gold of
+    the logits a model in that dtype gives."""
     device = device_for(backend)
     kwargs = {name: _to(value, device) for name, value in problem.kwargs.items()
               if not (one_teacher and name in ("lam", "clip"))}
+    if model_dtype_logits:
+        kwargs["logits_dtype"] = problem.student_hidden.dtype
     student = [problem.student_hidden.to(device, copy=True).requires_grad_(True),
                problem.student_weight.to(device, copy=True).requires_grad_(True)]
     if kwargs.get("student_bias") is not None:
@@ -164,8 +249,12 @@ def check_against_gold(problem: LinearProblem, backend: str, one_teacher: bool =
         loss = loss_fn(student[0], student[1], *teacher, backend=backend, **kwargs)
         grads = torch.autograd.grad(loss.sum(), student)
 
-    expected = Expected(problem, torch.float64, one_teacher)
-    plain_float32 = Expected(problem, torch.float32, one_teacher)
+    if model_dtype_logits:
+        expected = ModelLogitsExpected(problem, one_teacher)
+        baseline_grads = model_autograd_grads(problem, one_teacher)
+    else:
+        expected = Expected(problem, torch.float64, one_teacher)
+        baseline_grads = [g.to(t.dtype) for g, t in zip(Expected(problem, torch.float32, one_teacher).grads, student)]
     active = _active(problem)
     weights = _flat(problem.kwargs["weights"]).double() if "weights" in problem.kwargs else torch.ones(len(active))
     assert_loss_close(_flat(per_token), torch.where(active, expected.loss * weights, 0.0), "per-token loss")
@@ -191,11 +280,11 @@ def check_against_gold(problem: LinearProblem, backend: str, one_teacher: bool =
     row_temperature = (_flat(temperature).double() if isinstance(temperature, torch.Tensor)
                        else torch.full((len(active),), float(temperature), dtype=torch.float64))
     units = floor_units(problem, expected.row_scale, row_temperature, active)
-    for index, (actual, wanted, plain) in enumerate(zip(grads, expected.grads, plain_float32.grads)):
+    for index, (actual, wanted, baseline) in enumerate(zip(grads, expected.grads, baseline_grads)):
         assert actual.dtype == student[index].dtype and actual.shape == student[index].shape
         # rows of H entries for hidden states and weight, one entry per row for the bias
-        actual, wanted, plain = (t.reshape(-1, t.shape[-1] if t.dim() > 1 else 1) for t in (actual, wanted, plain))
-        assert_grad_close(actual.cpu(), wanted, plain.to(student[index].dtype), units[index])
+        actual, wanted, baseline = (t.reshape(-1, t.shape[-1] if t.dim() > 1 else 1) for t in (actual, wanted, baseline))
+        assert_grad_close(actual.cpu(), wanted, baseline.cpu(), units[index])
     hidden_grad = grads[0].reshape(len(active), grads[0].shape[-1])
     assert torch.all(hidden_grad[~active.to(hidden_grad.device)] == 0), "skipped rows: exact zero gradient"
 
@@ -216,6 +305,18 @@ def test_one_teacher_matches_float64_gold(backend, problem):
 @given(problem=linear_problems(dtypes=(torch.float64,)))
 def test_reference_in_float64_matches_gold(problem, one_teacher):
     check_against_gold(problem, "reference", one_teacher)
+
+
+@pytest.mark.parametrize("backend", LABEL_BACKENDS)
+@given(problem=linear_problems(dtypes=(torch.bfloat16, torch.float16)))
+def test_model_dtype_logits_match_the_gold_of_those_logits(backend, problem):
+    check_against_gold(in_one_dtype(problem), backend, model_dtype_logits=True)
+
+
+@pytest.mark.parametrize("backend", ONE_TEACHER_BACKENDS)
+@given(problem=linear_problems(dtypes=(torch.bfloat16, torch.float16)))
+def test_one_teacher_model_dtype_logits_match_the_gold_of_those_logits(backend, problem):
+    check_against_gold(in_one_dtype(problem), backend, one_teacher=True, model_dtype_logits=True)
 
 
 # --- fixed problems ----------------------------------------------------------------------------------
@@ -333,6 +434,46 @@ def test_one_teacher_module_stores_its_arguments():
 
 def test_default_chunk_rows_follow_the_hidden_size():
     assert [fused_linear.default_chunk_rows(h) for h in (7, 896, 3584, 4096)] == [16, 64, 288, 336]
+    for dtype in (torch.bfloat16, torch.float16):
+        assert [fused_linear.default_chunk_rows(h, dtype) for h in (7, 896, 3584, 4096)] == [16, 592, 2384, 2720]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_model_dtype_logits_are_the_lm_heads_and_need_no_upcast(backend, dtype):
+    """logits_dtype=: the row kernel receives exactly the logits F.linear gives in that dtype, the matmuls
+    read the weights as given (no slab buffer), and the result is the unfused call's on those logits."""
+    inputs = [t.to(dtype) for t in _inputs(teacher_size=12)]
+    bias = torch.randn(41, generator=torch.Generator().manual_seed(2)).to(dtype)
+    leaves = _student_leaves(inputs, bias)
+    seen = []
+
+    def recording(name, student, partial, full, *args, **kwargs):
+        seen.append((student.clone(), partial.clone(), full.clone()))
+        return real(name, student, partial, full, *args, **kwargs)
+
+    weights = []
+
+    class RecordedWeight(fused_linear.SlabbedWeight):
+        def __init__(self, *args):
+            super().__init__(*args)
+            weights.append(self)
+
+    real = backends.compute_rows
+    with mock.patch.object(backends, "compute_rows", recording), \
+            mock.patch.object(fused_linear, "SlabbedWeight", RecordedWeight):
+        fused = _call(leaves, inputs, lam=0.7, logits_dtype=dtype, chunk_size=4, backend=backend)
+        fused_grads = torch.autograd.grad(fused, leaves)
+    assert len(weights) == 2 and all(weight.in_place for weight in weights)
+    logits = [torch.cat([F.linear(h.reshape(-1, h.shape[-1])[start:start + 4], w, b) for start in range(0, 10, 4)])
+              for h, w, b in ((leaves[0], leaves[1], leaves[2]), (inputs[2], inputs[4], None), (inputs[3], inputs[4], None))]
+    for view, expected in zip(zip(*seen), logits):
+        assert all(block.dtype == dtype for block in view)
+        assert torch.equal(torch.cat([block.squeeze(0) for block in view]), expected.detach())
+    unfused = anchored_residual_kl(*logits, lam=0.7, backend=backend)
+    torch.testing.assert_close(fused, unfused)
+    for actual, expected in zip(fused_grads, torch.autograd.grad(unfused, leaves)):
+        assert actual.dtype == dtype
+        torch.testing.assert_close(actual.float(), expected.float(), rtol=0.02, atol=2e-3)
 
 
 # --- what is (not) computed ------------------------------------------------------------------------------
@@ -408,8 +549,7 @@ def test_weight_gradient_in_slabs_is_freed_slab_by_slab():
     inputs = _inputs(dtype=torch.bfloat16)
     leaves = _student_leaves(inputs)
     with mock.patch.object(fused_linear, "SLAB_ELEMENTS", 5 * 12):
-        weight = fused_linear.SlabbedWeight(leaves[1].detach(), torch.float32)
-        accumulator = fused_linear.WeightGradient(weight, torch.float32)
+        accumulator = fused_linear.WeightGradient(leaves[1].detach(), torch.float32, torch.float32)
         assert len(accumulator.slabs) == 9  # 41 rows by 5
         for index in range(len(accumulator.slabs)):
             accumulator.part(index).fill_(index)
@@ -483,9 +623,11 @@ def test_float16_gradients_are_kept_in_float32_until_backward():
         torch.testing.assert_close(leaf.grad.float(), expected.grad.half().float(), rtol=2e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("reduction, one_teacher", [("batchmean", False), ("none", False), ("batchmean", True)])
-def test_compiles_without_graph_breaks_and_matches_eager(reduction, one_teacher):
-    inputs = _inputs(batch=(2, 4))
+@pytest.mark.parametrize("reduction, one_teacher, logits_dtype", [
+    ("batchmean", False, None), ("none", False, None), ("batchmean", True, None), ("none", False, torch.bfloat16),
+    ("batchmean", True, torch.bfloat16)])
+def test_compiles_without_graph_breaks_and_matches_eager(reduction, one_teacher, logits_dtype):
+    inputs = _inputs(batch=(2, 4), dtype=logits_dtype or torch.float32)
     mask = torch.tensor([[True, False, True, True], [True, True, False, True]])
     labels = torch.tensor([[3, 0, 40, 7], [-100, 2, 5, 6]])
 
@@ -493,11 +635,12 @@ def test_compiles_without_graph_breaks_and_matches_eager(reduction, one_teacher)
         if one_teacher:
             loss, diagnostics = fused_linear_distillation_divergence(
                 hidden, weight, inputs[2], inputs[4], beta=0.5, mask=mask, labels=labels, logit_softcap=7.0,
-                chunk_size=3, reduction=reduction, return_diagnostics=True, backend="reference")
+                chunk_size=3, reduction=reduction, return_diagnostics=True, backend="reference",
+                logits_dtype=logits_dtype)
             return loss.sum() * 1.5, diagnostics.target_token_logprob
         loss, diagnostics = fused_linear_anchored_residual_kl(
             hidden, weight, *inputs[2:], lam=0.8, clip=2.0, mask=mask, logit_softcap=7.0, chunk_size=3,
-            reduction=reduction, return_diagnostics=True)
+            reduction=reduction, return_diagnostics=True, logits_dtype=logits_dtype)
         return loss.sum() * 1.5, diagnostics.belief_shift
 
     eager, compiled = _student_leaves(inputs), _student_leaves(inputs)
@@ -561,6 +704,18 @@ BAD_INPUTS = [
     ("mask shape", _inputs, {"mask": torch.ones(10, dtype=torch.bool)}, ValueError, "mask must have"),
     ("inplace_grad", _inputs, {"inplace_grad": True}, TypeError, "inplace_grad"),
     ("float64 to native", lambda: [t.double() for t in _inputs()], {"backend": "native"}, ValueError, "float64"),
+    ("logits_dtype on float32 inputs", _inputs, {"logits_dtype": torch.bfloat16}, ValueError,
+     "student_hidden has dtype torch.float32 but logits_dtype=torch.bfloat16"),
+    ("logits_dtype of the other half", lambda: [t.half() for t in _inputs()], {"logits_dtype": torch.bfloat16},
+     ValueError, "cast student_hidden with .to(torch.bfloat16), or pass logits_dtype=None"),
+    ("logits_dtype with a float32 teacher weight", lambda: [*(t.bfloat16() for t in _inputs()[:4]), _inputs()[4]],
+     {"logits_dtype": torch.bfloat16}, ValueError, "teacher_weight has dtype torch.float32 but logits_dtype"),
+    ("logits_dtype with a float32 bias", lambda: [t.bfloat16() for t in _inputs()],
+     {"logits_dtype": torch.bfloat16, "teacher_bias": torch.zeros(41)}, ValueError, "teacher_bias has dtype"),
+    ("logits_dtype float32", _inputs, {"logits_dtype": torch.float32}, ValueError,
+     "logits_dtype must be None (float32 logits from the tensors as given), torch.bfloat16 or torch.float16"),
+    ("logits_dtype a string", lambda: [t.bfloat16() for t in _inputs()], {"logits_dtype": "bfloat16"}, TypeError,
+     "logits_dtype must be None or a torch.dtype, got str"),
 ]
 
 
@@ -572,6 +727,8 @@ ONE_TEACHER_BAD_INPUTS = [
     ("lam", lambda i: (i[0], i[1], i[2], i[4]), {"lam": 0.5}, TypeError, "lam"),
     ("reduce_hidden_grad", lambda i: (i[0], i[1], i[2], i[4]), {"reduce_hidden_grad": 1}, TypeError,
      "reduce_hidden_grad must be a bool"),
+    ("logits_dtype with a float32 teacher", lambda i: (i[0].bfloat16(), i[1].bfloat16(), i[2], i[4].bfloat16()),
+     {"logits_dtype": torch.bfloat16}, ValueError, "teacher_hidden has dtype torch.float32 but logits_dtype"),
 ]
 
 

@@ -23,7 +23,7 @@ from conftest import assert_grad_close, assert_loss_close, fixed_and_random, gol
 from strategies import Problem, problems
 from test_one_teacher import check_one_teacher_against_gold
 from test_properties import check_against_gold, confident_student_problem
-from test_shards import check_shards_against_gold
+from test_shards import check_sharded_against_gold
 
 built = pytest.mark.skipif(not native.available(), reason=f"native kernel not built: {native.unavailable_reason()}")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -317,7 +317,7 @@ def test_one_teacher_confident_student_keeps_the_gradient_rule(dtype):
             problem = problem._replace(partial=problem.full)
             check_one_teacher_against_gold(problem, _all_labels(problem, seed), "native")
             _check_one_teacher_gradient_with_diagnostics(problem)
-            check_shards_against_gold("native", problem, [0, vocab // 2, vocab] if vocab > 3 else [0, vocab], True)
+            check_sharded_against_gold("native", problem, [0, vocab // 2, vocab] if vocab > 3 else [0, vocab], True)
 
 
 def _check_one_teacher_gradient_with_diagnostics(problem):
@@ -465,4 +465,4 @@ def test_shard_stages_under_each_instruction_set(one_teacher, beta, dtype):
     student[3, 700] += 40.0
     problem = Problem(student, partial, full, lam=0.9, clip=3.0, beta=beta, temperature=1.2,
                       mask=torch.tensor([True, True, False, True, True]), weights=None)
-    check_shards_against_gold("native", problem, [0, 3, 517, 1030, vocab], one_teacher)
+    check_sharded_against_gold("native", problem, [0, 3, 517, 1030, vocab], one_teacher)

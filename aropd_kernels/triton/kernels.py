@@ -458,10 +458,10 @@ def _target_log_normalizer(terms_ptr, n_rows, row):
 
 
 @triton.jit
-def _weighted_sum(centered_total, z_max, z_sum):
-    """sum w z from sum w (z - z_max) (w = exp2(z - z_max)), in float64; 0 where every z is -inf."""
-    total = centered_total.to(tl.float64) + z_max.to(tl.float64) * z_sum.to(tl.float64)
-    return tl.where(z_sum == 0.0, 0.0, total)
+def _centered_sum(centered_total, z_sum):
+    """A weighted sum as shards.py keeps it, centered on the shard's z_max (w = exp2(z - z_max)), in
+    float64; 0 where every z is -inf."""
+    return tl.where(z_sum == 0.0, 0.0, centered_total.to(tl.float64))
 
 
 @triton.jit
@@ -521,10 +521,10 @@ def shard_target_sums_kernel(
             tl.store(sums_ptr + STUDENT_MASS * n_rows + row, student_mass)
             tl.store(sums_ptr + INFINITE_DIVERGENCE * n_rows + row, tl.where(gap == float("inf"), 1.0, 0.0))
         if DIVERGENCE == FORWARD_KL:
-            tl.store(sums_ptr + WEIGHTED_TARGET_GAP * n_rows + row, _weighted_sum(forward_gap, z_max, z_sum))
+            tl.store(sums_ptr + WEIGHTED_TARGET_GAP * n_rows + row, _centered_sum(forward_gap, z_sum))
             tl.store(sums_ptr + INFINITE_DIVERGENCE * n_rows + row, infinite_forward)
         if WITH_DIAGNOSTICS:
-            tl.store(sums_ptr + WEIGHTED_TARGET_LOGIT * n_rows + row, _weighted_sum(target_centered, z_max, z_sum))
+            tl.store(sums_ptr + WEIGHTED_TARGET_LOGIT * n_rows + row, _centered_sum(target_centered, z_sum))
             tl.store(sums_ptr + STUDENT_LOG_STUDENT * n_rows + row, student_plogp)
             tl.store(sums_ptr + STUDENT_TOKEN * n_rows + row, label_student)
             tl.store(sums_ptr + TARGET_TOKEN_LOGIT * n_rows + row, label_z)

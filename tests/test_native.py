@@ -439,10 +439,9 @@ def test_labels_outside_the_columns_give_zero_and_none_give_zero(one_teacher):
 # --- the shard stages ------------------------------------------------------------------------------
 
 
+@built
 def test_stage_layouts_are_those_of_shards_py():
     """The C++ writes and reads the stages' arrays by its own row tables: they must be shards.py's."""
-    if not native.available():
-        pytest.skip(f"native kernel not built: {native.unavailable_reason()}")
     module = native._module()
     assert [getattr(shards, name) for name in module.TARGET_SUM_ROWS] == list(range(shards.N_TARGET_SUMS))
     assert [getattr(shards, name) for name in module.TERM_ROWS] == list(range(shards.N_TERMS))

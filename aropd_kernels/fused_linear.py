@@ -38,9 +38,12 @@ SLAB_ELEMENTS = 2**22
 CHUNK_ROW_MULTIPLE = 16  # rows per chunk are a multiple of this: whole tiles for the matmuls
 HALF_LOGITS_DTYPES = (torch.bfloat16, torch.float16)  # what logits_dtype= may name
 HALF_LOGITS_ROWS_PER_HIDDEN = 2 / 3  # default rows per chunk over H with logits_dtype (see below)
+# ... and with logits_dtype and accum_dtype=torch.bfloat16: the chunk's blocks take the gradient's own bytes
+HALF_LOGITS_HALF_SUM_ROWS_PER_HIDDEN = 1 / 3
 
 
-def default_chunk_rows(hidden_size: int, logits_dtype: torch.dtype | None = None) -> int:
+def default_chunk_rows(hidden_size: int, logits_dtype: torch.dtype | None = None,
+                       sum_in_weight_dtype: bool = False) -> int:
     """Rows per chunk when ``chunk_size=None``, from the student's hidden size H, rounded down to a
     multiple of 16, at least 16.
 
@@ -53,8 +56,16 @@ def default_chunk_rows(hidden_size: int, logits_dtype: torch.dtype | None = None
     accumulator's 4·V·H. Each chunk adds its weight gradient into the float32 accumulator, a pass over
     4·V·H bytes that costs as much as the matmuls of about H rows (measured on CPU), so chunks are
     longer here (R = 592 at H = 896, 2384 at H = 3584, 2720 at H = 4096).
+
+    Half-precision logits with the weight gradient summed in bfloat16 (``accum_dtype=torch.bfloat16``):
+    R = H/3. There is no float32 accumulator; the three blocks, 6·R·V bytes, are the 2·V·H bytes of the
+    gradient itself (R = 288 at H = 896, 1184 at H = 3584, 1360 at H = 4096), and each chunk's sum is one
+    in-place bfloat16 matmul, so short chunks cost little.
     """
-    per_hidden = 1 / 12 if logits_dtype is None else HALF_LOGITS_ROWS_PER_HIDDEN
+    if logits_dtype is None:
+        per_hidden = 1 / 12
+    else:
+        per_hidden = HALF_LOGITS_HALF_SUM_ROWS_PER_HIDDEN if sum_in_weight_dtype else HALF_LOGITS_ROWS_PER_HIDDEN
     rows = int(hidden_size * per_hidden) // CHUNK_ROW_MULTIPLE * CHUNK_ROW_MULTIPLE
     return max(CHUNK_ROW_MULTIPLE, rows)
 
@@ -146,6 +157,21 @@ def check_logits_dtype(logits_dtype, named_tensors: dict) -> None:
                 f"{name} with .to({logits_dtype}), or pass logits_dtype=None for float32 logits.")
 
 
+def check_accum_dtype(accum_dtype, student_weight: torch.Tensor) -> None:
+    """``accum_dtype`` is None or torch.float32 (the float32 sum), or torch.bfloat16 for a bfloat16
+    ``student_weight`` (the sum kept in the gradient itself)."""
+    if accum_dtype is None or accum_dtype == torch.float32:
+        return
+    if not isinstance(accum_dtype, torch.dtype):
+        raise TypeError(f"accum_dtype must be None or a torch.dtype, got {type(accum_dtype).__name__}.")
+    if accum_dtype != torch.bfloat16:
+        raise ValueError(f"accum_dtype must be None or torch.float32 (the weight gradient summed in float32), or "
+                         f"torch.bfloat16 for a bfloat16 student_weight, got {accum_dtype}.")
+    if student_weight.dtype != torch.bfloat16:
+        raise ValueError(f"accum_dtype=torch.bfloat16 sums the weight gradient in the bfloat16 gradient itself, but "
+                         f"student_weight has dtype {student_weight.dtype}; pass accum_dtype=None (float32 sum).")
+
+
 def check_projection(logit_scale, logit_softcap, chunk_size) -> None:
     rows.check_real("logit_scale", logit_scale, "a finite number > 0", lambda x: rows.is_finite(x) and x > 0)
     if logit_softcap is not None:
@@ -220,14 +246,20 @@ class WeightGradient:
     that converting them one by one into the result frees each as soon as it is copied. When each
     chunk's product is formed in a narrower dtype (half-precision logits), it lands in a reused
     slab-sized buffer and is added from there.
+
+    ``in_weight_dtype`` (``accum_dtype=torch.bfloat16``): the sum is the bfloat16 gradient itself, each
+    chunk's product added into it with one rounding per chunk; no float32 copy exists.
     """
 
-    def __init__(self, weight: torch.Tensor, accumulate_dtype: torch.dtype, product_dtype: torch.dtype):
+    def __init__(self, weight: torch.Tensor, accumulate_dtype: torch.dtype, product_dtype: torch.dtype,
+                 in_weight_dtype: bool = False):
         vocab, hidden = weight.shape
         self.stored_dtype = ops.gradient_dtype(weight.dtype)
+        if in_weight_dtype:
+            accumulate_dtype = self.stored_dtype
         self.shape = (vocab, hidden)
         whole = self.stored_dtype == accumulate_dtype and product_dtype == accumulate_dtype
-        slab_rows = vocab if whole else max(1, SLAB_ELEMENTS // hidden)
+        slab_rows = vocab if whole else max(1, SLAB_ELEMENTS // hidden)  # whole: one addmm_ per chunk
         self.slabs = [(start, min(start + slab_rows, vocab)) for start in range(0, vocab, slab_rows)]
         device = weight.device
         if self.stored_dtype == accumulate_dtype:
@@ -416,12 +448,13 @@ def gradient_unit(row_scale: torch.Tensor) -> float:
 def chunk_loop(student_hidden, student_weight, student_bias, teacher_hiddens: tuple[torch.Tensor, ...],
                teacher_weight, teacher_bias, projection: Projection, chunk_rows: int, settings: RowSettings,
                needs_grad: tuple[bool, bool, bool], reduce_hidden: Callable[[torch.Tensor], None] | None = None,
-               half_logits: bool = False):
+               half_logits: bool = False, sum_in_weight_dtype: bool = False):
     """(row losses [N], diagnostics [N_DIAGNOSTICS, N] or None, hidden, weight and bias gradients or None).
 
     The hidden states are ``[N, H]``; ``teacher_hiddens`` are the teacher's views (two, or one). Chunks
     without an active row are skipped: no matmul, loss 0, gradient 0. ``half_logits``: the logits and
     the matmuls are in the dtype of every input (bfloat16 or float16), the sums in float32.
+    ``sum_in_weight_dtype``: the weight gradient is summed in its own bfloat16 (``accum_dtype=``).
     """
     n_rows, vocab = student_hidden.shape[0], student_weight.shape[0]
     accumulate = compute_dtype(student_hidden, student_weight, student_bias, *teacher_hiddens, teacher_weight,
@@ -437,7 +470,7 @@ def chunk_loop(student_hidden, student_weight, student_bias, teacher_hiddens: tu
     gradients = StudentGradients(
         hidden=(torch.zeros(student_hidden.shape, dtype=ops.gradient_dtype(student_hidden.dtype), device=device)
                 if needs_grad[0] else None),
-        weight=WeightGradient(student_weight, accumulate, logits) if needs_grad[1] else None,
+        weight=WeightGradient(student_weight, accumulate, logits, sum_in_weight_dtype) if needs_grad[1] else None,
         bias=torch.zeros(vocab, dtype=accumulate, device=device) if needs_grad[2] else None,
         hidden_accumulator=(torch.empty(rows_per_chunk, student_hidden.shape[1], dtype=accumulate, device=device)
                             if needs_grad[0] else None),
@@ -485,8 +518,8 @@ def chunk_loop(student_hidden, student_weight, student_bias, teacher_hiddens: tu
 
 def fused_linear_outputs(student_hidden, student_weight, student_bias, teacher_hidden, full_hidden, teacher_weight,
                          teacher_bias, row_temperature, active, row_scale, labels, logit_scale, logit_softcap,
-                         chunk_rows, half_logits, lam, clip, beta, reduce, grad_hidden, grad_weight, grad_bias,
-                         with_diagnostics, backend, compute_rows=None, reduce_hidden=None):
+                         chunk_rows, half_logits, sum_in_weight_dtype, lam, clip, beta, reduce, grad_hidden,
+                         grad_weight, grad_bias, with_diagnostics, backend, compute_rows=None, reduce_hidden=None):
     """The computation of :func:`fused_linear_op` (its arguments, then the two hooks of a vocabulary shard:
     the per-row contract's function and the hidden-state gradient's sum over ranks)."""
     settings = RowSettings(row_temperature, active, row_scale, labels, lam, clip, beta, with_diagnostics, backend,
@@ -495,7 +528,7 @@ def fused_linear_outputs(student_hidden, student_weight, student_bias, teacher_h
     row_loss, diagnostics, *gradients = chunk_loop(
         student_hidden, student_weight, student_bias, teacher_hiddens, teacher_weight, teacher_bias,
         Projection(logit_scale, logit_softcap), chunk_rows, settings, (grad_hidden, grad_weight, grad_bias),
-        reduce_hidden, half_logits)
+        reduce_hidden, half_logits, sum_in_weight_dtype)
     return (ops.scaled_loss(row_loss, row_scale, reduce),
             student_hidden.new_empty(0, dtype=torch.float32) if diagnostics is None else diagnostics,
             *(student_hidden.new_empty(0) if gradient is None else gradient for gradient in gradients))
@@ -518,6 +551,7 @@ def fused_linear_op(
     logit_softcap: float | None,
     chunk_rows: int,
     half_logits: bool,
+    sum_in_weight_dtype: bool,
     lam: float,
     clip: float,
     beta: float,
@@ -531,19 +565,20 @@ def fused_linear_op(
     """Returns (loss, diagnostics, hidden gradient, weight gradient, bias gradient) for ``[N, H]`` hidden
     states. ``teacher_hidden`` is the partial view, or the one teacher when ``full_hidden`` is None.
     ``half_logits``: logits and matmuls in the inputs' one dtype (``logits_dtype=``), else float32.
+    ``sum_in_weight_dtype``: the weight gradient summed in its bfloat16 (``accum_dtype=``), else float32.
     ``loss`` is ``sum(row_scale * D)`` when ``reduce`` else ``row_scale * D`` per row; each gradient is
     that of ``sum(row_scale * D)``, in :func:`ops.gradient_dtype` of its tensor, or an empty tensor when
     not asked for; so are the diagnostics."""
     return fused_linear_outputs(
         student_hidden, student_weight, student_bias, teacher_hidden, full_hidden, teacher_weight, teacher_bias,
-        row_temperature, active, row_scale, labels, logit_scale, logit_softcap, chunk_rows, half_logits, lam, clip,
-        beta, reduce, grad_hidden, grad_weight, grad_bias, with_diagnostics, backend)
+        row_temperature, active, row_scale, labels, logit_scale, logit_softcap, chunk_rows, half_logits,
+        sum_in_weight_dtype, lam, clip, beta, reduce, grad_hidden, grad_weight, grad_bias, with_diagnostics, backend)
 
 
 @fused_linear_op.register_fake
 def _(student_hidden, student_weight, student_bias, teacher_hidden, full_hidden, teacher_weight, teacher_bias,
-      row_temperature, active, row_scale, labels, logit_scale, logit_softcap, chunk_rows, half_logits, lam, clip, beta,
-      reduce, grad_hidden, grad_weight, grad_bias, with_diagnostics, backend):
+      row_temperature, active, row_scale, labels, logit_scale, logit_softcap, chunk_rows, half_logits,
+      sum_in_weight_dtype, lam, clip, beta, reduce, grad_hidden, grad_weight, grad_bias, with_diagnostics, backend):
     n_rows = student_hidden.shape[0]
     compute = compute_dtype(student_hidden, student_weight, student_bias, teacher_hidden, full_hidden,
                             teacher_weight, teacher_bias)
@@ -559,10 +594,10 @@ def _(student_hidden, student_weight, student_bias, teacher_hidden, full_hidden,
             gradient(grad_bias, student_bias))
 
 
-_N_OP_INPUTS = 24
+_N_OP_INPUTS = 25
 _STUDENT_INPUTS = (0, 1, 2)  # student_hidden, student_weight, student_bias: the inputs gradients go to
 _RECOMPUTE_TENSORS = slice(0, 10)  # the tensors up to row_scale (the labels serve the diagnostics only)
-_SETTINGS, _REDUCE, _WANTED, _BACKEND = slice(11, 18), 18, slice(19, 22), 23
+_SETTINGS, _REDUCE, _WANTED, _BACKEND = slice(11, 19), 19, slice(20, 23), 24
 
 
 def _setup_context(ctx, inputs, output):
@@ -597,13 +632,14 @@ def _recomputed_gradients(ctx, grad_loss):
     ops.refuse_double_backward()
     (student_hidden, student_weight, student_bias, teacher_hidden, full_hidden, teacher_weight, teacher_bias,
      row_temperature, active, row_scale) = ctx.saved_tensors
-    logit_scale, logit_softcap, chunk_rows, half_logits, lam, clip, beta, backend = ctx.settings
+    logit_scale, logit_softcap, chunk_rows, half_logits, sum_in_weight_dtype, lam, clip, beta, backend = ctx.settings
     scale = row_scale * grad_loss.to(torch.float32)
     wanted = [ctx.needs_input_grad[i] for i in _STUDENT_INPUTS]
     _, _, *stored = ctx.run(
         student_hidden, student_weight, student_bias, teacher_hidden, full_hidden, teacher_weight, teacher_bias,
-        row_temperature, active & (scale != 0), scale, None, logit_scale, logit_softcap, chunk_rows, half_logits, lam,
-        clip, beta, True, wanted[0], wanted[1], wanted[2] and student_bias is not None, False, backend)
+        row_temperature, active & (scale != 0), scale, None, logit_scale, logit_softcap, chunk_rows, half_logits,
+        sum_in_weight_dtype, lam, clip, beta, True, wanted[0], wanted[1], wanted[2] and student_bias is not None, False,
+        backend)
     return [gradient.to(dtype) if want else None for gradient, want, dtype in zip(stored, wanted, ctx.dtypes)]
 
 
@@ -641,6 +677,7 @@ class LinearCall(NamedTuple):
     projection: tuple[float, float | None]  # logit_scale, logit_softcap
     chunk_rows: int
     logits_dtype: torch.dtype  # of the logits blocks: the logits_dtype keyword, or float32 (float64)
+    sum_in_weight_dtype: bool  # accum_dtype=torch.bfloat16: the weight gradient summed in bfloat16
     settings: tuple[float, float, float, bool]  # lam, clip, beta, reduce
     stored_gradients: tuple[bool, bool, bool]  # hidden, weight, bias: computed in the forward pass
     return_diagnostics: bool
@@ -651,12 +688,13 @@ class LinearCall(NamedTuple):
     def op_arguments(self) -> tuple:
         lam, clip, beta, reduce = self.settings
         half_logits = self.logits_dtype in HALF_LOGITS_DTYPES
-        return (*self.tensors, *self.plan, *self.projection, self.chunk_rows, half_logits, lam, clip, beta, reduce,
-                *self.stored_gradients, self.return_diagnostics, self.backend)
+        return (*self.tensors, *self.plan, *self.projection, self.chunk_rows, half_logits, self.sum_in_weight_dtype,
+                lam, clip, beta, reduce, *self.stored_gradients, self.return_diagnostics, self.backend)
 
 
 def prepare_call(student_hidden, student_weight, teacher_hiddens: tuple, teacher_weight, names, *, student_bias,
-                 teacher_bias, logit_scale, logit_softcap, chunk_size, logits_dtype, lam, clip, beta, temperature, labels,
+                 teacher_bias, logit_scale, logit_softcap, chunk_size, logits_dtype, accum_dtype, lam, clip, beta,
+                 temperature, labels,
                  ignore_index, mask, weights, reduction, num_items_in_batch, return_diagnostics, backend,
                  whole_vocabulary: bool = True) -> LinearCall:
     """Validates every argument (before any matmul or kernel) and plans the rows.
@@ -670,6 +708,8 @@ def prepare_call(student_hidden, student_weight, teacher_hiddens: tuple, teacher
     check_logits_dtype(logits_dtype, {"student_hidden": student_hidden, "student_weight": student_weight,
                                       **dict(zip(names[1:], teacher_hiddens)), "teacher_weight": teacher_weight,
                                       "student_bias": student_bias, "teacher_bias": teacher_bias})
+    check_accum_dtype(accum_dtype, student_weight)
+    sum_in_weight_dtype = accum_dtype == torch.bfloat16
     batch_shape, vocab = student_hidden.shape[:-1], student_weight.shape[0]
     device = student_hidden.device
     label_vocab = vocab if return_diagnostics and whole_vocabulary else None
@@ -681,7 +721,7 @@ def prepare_call(student_hidden, student_weight, teacher_hiddens: tuple, teacher
     name = backends.resolve(backend, device, (blocks_dtype,))
     if chunk_size is None:
         chunk_size = (batch_shape.numel() if name == "reference"
-                      else default_chunk_rows(student_hidden.shape[-1], logits_dtype))
+                      else default_chunk_rows(student_hidden.shape[-1], logits_dtype, sum_in_weight_dtype))
     reduce = reduction != "none"
     grad_enabled = torch.is_grad_enabled()
     wants = [grad_enabled and t is not None and t.requires_grad for t in (student_hidden, student_weight, student_bias)]
@@ -690,7 +730,7 @@ def prepare_call(student_hidden, student_weight, teacher_hiddens: tuple, teacher
                teacher_bias)
     return LinearCall(
         tensors, plan, (float(logit_scale), None if logit_softcap is None else float(logit_softcap)),
-        max(chunk_size, 1), blocks_dtype, (float(lam), float(clip), float(beta), reduce),
+        max(chunk_size, 1), blocks_dtype, sum_in_weight_dtype, (float(lam), float(clip), float(beta), reduce),
         tuple(reduce and want for want in wants),  # per-token losses: gradients are computed in backward
         return_diagnostics, name, batch_shape, labels is not None)
 
@@ -741,6 +781,7 @@ def fused_linear_anchored_residual_kl(
     logit_softcap: float | None = None,
     chunk_size: int | None = None,
     logits_dtype: torch.dtype | None = None,
+    accum_dtype: torch.dtype | None = None,
     lam: float = 1.0,
     clip: float = 5.0,
     beta: float = 1.0,
@@ -768,6 +809,9 @@ def fused_linear_anchored_residual_kl(
     ``torch.float16``, the dtype of every hidden state, weight and bias, runs the matmuls in it and
     rounds the logits to it, as ``F.linear`` in that dtype (the model's own logits) does, each chunk's
     rows at a time; the weight and bias gradients are still summed in float32.
+    ``accum_dtype``: None (or ``torch.float32``) sums the weight gradient over the chunks in float32 and
+    rounds it once; ``torch.bfloat16`` (a bfloat16 ``student_weight``) sums it in the bfloat16 gradient
+    itself, one rounding per chunk, and saves the 4·V·H bytes of the float32 sum.
     ``process_group``: the weights and biases are this rank's contiguous vocabulary shard ``[V_r, H]``
     (hidden states replicated); ``reduce_hidden_grad`` sums the hidden states' gradient over the group
     (False: each rank keeps its shard's part, for a column-parallel layer that reduces it).
@@ -776,7 +820,8 @@ def fused_linear_anchored_residual_kl(
     return _fused_linear(
         student_hidden, student_weight, (partial_teacher_hidden, full_teacher_hidden), teacher_weight, ANCHORED_NAMES,
         student_bias=student_bias, teacher_bias=teacher_bias, logit_scale=logit_scale, logit_softcap=logit_softcap,
-        chunk_size=chunk_size, logits_dtype=logits_dtype, lam=lam, clip=clip, beta=beta, temperature=temperature, labels=labels,
+        chunk_size=chunk_size, logits_dtype=logits_dtype, accum_dtype=accum_dtype, lam=lam, clip=clip, beta=beta,
+        temperature=temperature, labels=labels,
         ignore_index=ignore_index, mask=mask, weights=weights, reduction=reduction,
         num_items_in_batch=num_items_in_batch, return_diagnostics=return_diagnostics, backend=backend,
         process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)
@@ -794,6 +839,7 @@ def fused_linear_distillation_divergence(
     logit_softcap: float | None = None,
     chunk_size: int | None = None,
     logits_dtype: torch.dtype | None = None,
+    accum_dtype: torch.dtype | None = None,
     beta: float = 1.0,
     temperature: float | torch.Tensor = 1.0,
     labels: torch.Tensor | None = None,
@@ -815,7 +861,8 @@ def fused_linear_distillation_divergence(
     return _fused_linear(
         student_hidden, student_weight, (teacher_hidden,), teacher_weight, ONE_TEACHER_NAMES,
         student_bias=student_bias, teacher_bias=teacher_bias, logit_scale=logit_scale, logit_softcap=logit_softcap,
-        chunk_size=chunk_size, logits_dtype=logits_dtype, lam=0.0, clip=math.inf, beta=beta, temperature=temperature, labels=labels,
+        chunk_size=chunk_size, logits_dtype=logits_dtype, accum_dtype=accum_dtype, lam=0.0, clip=math.inf, beta=beta,
+        temperature=temperature, labels=labels,
         ignore_index=ignore_index, mask=mask, weights=weights, reduction=reduction,
         num_items_in_batch=num_items_in_batch, return_diagnostics=return_diagnostics, backend=backend,
         process_group=process_group, reduce_hidden_grad=reduce_hidden_grad)

@@ -253,16 +253,20 @@ def linear_package_provider(backend: str) -> tuple[Callable, Callable]:
     return make, why_unavailable
 
 
-def fused_linear_provider(model_logits: bool = False) -> tuple[Callable, Callable]:
+def fused_linear_provider(model_logits: bool = False, model_sum: bool = False) -> tuple[Callable, Callable]:
     """``make`` and ``why_unavailable`` for fused_linear_anchored_residual_kl; with ``model_logits``, its
-    logits in the inputs' half-precision dtype (``logits_dtype=``), as the model's lm_head gives them."""
+    logits in the inputs' half-precision dtype (``logits_dtype=``), as the model's lm_head gives them; with
+    ``model_sum`` also the weight gradient summed in bfloat16 (``accum_dtype=``)."""
 
     def make(settings: LossSettings) -> Callable:
         return hidden_step(lambda hs, ws, hp, hf, wt: fused_linear_anchored_residual_kl(
             hs, ws, hp, hf, wt, lam=settings.lam, clip=settings.clip, beta=settings.beta,
-            temperature=settings.temperature, reduction="batchmean", logits_dtype=hs.dtype if model_logits else None))
+            temperature=settings.temperature, reduction="batchmean", logits_dtype=hs.dtype if model_logits else None,
+            accum_dtype=hs.dtype if model_sum else None))
 
     def why_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
+        if model_sum and dtype != torch.bfloat16:
+            return f"accum_dtype takes a bfloat16 weight, not {dtype}; use --dtype bfloat16"
         if model_logits and dtype not in fused_linear.HALF_LOGITS_DTYPES:
             return f"logits_dtype takes bfloat16 or float16 inputs, not {dtype}; use --dtype bfloat16"
         return None
@@ -318,6 +322,10 @@ PROVIDERS = {
                                           "the same with logits_dtype= the inputs' half dtype: the model's own "
                                           "logits, as linear+native's (on request)", by_default=False,
                                           inputs=hidden_inputs),
+    "fused-linear-model-dtype": Provider(*fused_linear_provider(model_logits=True, model_sum=True),
+                                         "the same with accum_dtype=torch.bfloat16 too: the weight gradient summed "
+                                         "in bfloat16, no float32 copy (on request)", by_default=False,
+                                         inputs=hidden_inputs),
 }
 # What run.py compares unless --providers says otherwise.
 DEFAULT_PROVIDERS = [name for name, provider in PROVIDERS.items() if provider.by_default]

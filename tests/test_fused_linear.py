@@ -17,7 +17,10 @@ from aropd_kernels import (
     backends, distillation_divergence, fused_linear_anchored_residual_kl, fused_linear_distillation_divergence,
 )
 from aropd_kernels import fused_linear
-from conftest import assert_grad_close, assert_loss_close, backends_under_test, device_for, gold, gold_token_logprobs
+from conftest import (
+    GRAD_ERROR_FACTOR, GRAD_ERROR_FLOOR, assert_grad_close, assert_loss_close, backends_under_test, device_for, gold,
+    gold_token_logprobs, grad_errors, half_precision_rounding,
+)
 from strategies import LinearProblem, linear_problems
 
 
@@ -165,6 +168,7 @@ class ModelLogitsExpected(Expected):
         derivative = scale if softcap is None else scale * (1 - torch.tanh(linear.double() * (scale / softcap)) ** 2)
         grad_linear = grad_logits * derivative
         hidden = problem.student_hidden.double().reshape(-1, problem.student_hidden.shape[-1])
+        self.grad_linear, self.hidden = grad_linear, hidden  # each row's share of the weight gradient
         self.grads = [(grad_linear @ problem.student_weight.double()).reshape(problem.student_hidden.shape),
                       grad_linear.t() @ hidden]
         if kwargs.get("student_bias") is not None:
@@ -223,16 +227,31 @@ def floor_units(problem: LinearProblem, row_scale, row_temperature, active) -> l
             row_units.sum().item()]
 
 
+def running_sum_rounding(expected: ModelLogitsExpected, active: torch.Tensor, chunk_rows: int) -> float:
+    """The most a weight gradient summed in bfloat16 may lose to its sums: half a bfloat16 ulp (2^-8
+    relative) of the running sum's largest entry after each chunk with an active row."""
+    bound, total = 0.0, torch.zeros_like(expected.grads[1])
+    for start in range(0, len(active), chunk_rows):
+        rows = slice(start, start + chunk_rows)
+        if active[rows].any():
+            total += expected.grad_linear[rows].t() @ expected.hidden[rows]
+            bound += 2.0**-8 * total.abs().max().item()
+    return bound
+
+
 def check_against_gold(problem: LinearProblem, backend: str, one_teacher: bool = False,
-                       model_dtype_logits: bool = False) -> None:
+                       model_dtype_logits: bool = False, sum_in_weight_dtype: bool = False) -> None:
     """The anchored call, or with ``one_teacher`` the one-teacher call on the partial view, against the gold;
     with ``model_dtype_logits``, called with ``logits_dtype=`` the problem's one dtype, against the gold of
-    the logits a model in that dtype gives."""
+    the logits a model in that dtype gives; with ``sum_in_weight_dtype`` also ``accum_dtype=`` that dtype,
+    the weight gradient's error allowed one rounding of its running sum per chunk."""
     device = device_for(backend)
     kwargs = {name: _to(value, device) for name, value in problem.kwargs.items()
               if not (one_teacher and name in ("lam", "clip"))}
     if model_dtype_logits:
         kwargs["logits_dtype"] = problem.student_hidden.dtype
+    if sum_in_weight_dtype:
+        kwargs["accum_dtype"] = problem.student_weight.dtype
     student = [problem.student_hidden.to(device, copy=True).requires_grad_(True),
                problem.student_weight.to(device, copy=True).requires_grad_(True)]
     if kwargs.get("student_bias") is not None:
@@ -284,7 +303,14 @@ def check_against_gold(problem: LinearProblem, backend: str, one_teacher: bool =
         assert actual.dtype == student[index].dtype and actual.shape == student[index].shape
         # rows of H entries for hidden states and weight, one entry per row for the bias
         actual, wanted, baseline = (t.reshape(-1, t.shape[-1] if t.dim() > 1 else 1) for t in (actual, wanted, baseline))
-        assert_grad_close(actual.cpu(), wanted, baseline.cpu(), units[index])
+        if index == 1 and sum_in_weight_dtype:
+            max_abs, _ = grad_errors(actual.cpu(), wanted, free=half_precision_rounding(actual.dtype))
+            allowed = (GRAD_ERROR_FACTOR * grad_errors(baseline.cpu(), wanted)[0] + GRAD_ERROR_FLOOR * units[1]
+                       + running_sum_rounding(expected, active, chunk_rows_of(problem)))
+            assert max_abs <= allowed, f"weight gradient summed in bfloat16: error {max_abs:.3e} > {allowed:.3e}"
+            continue
+        free = half_precision_rounding(actual.dtype) if model_dtype_logits else GRAD_ERROR_FLOOR
+        assert_grad_close(actual.cpu(), wanted, baseline.cpu(), units[index], free=free)
     hidden_grad = grads[0].reshape(len(active), grads[0].shape[-1])
     assert torch.all(hidden_grad[~active.to(hidden_grad.device)] == 0), "skipped rows: exact zero gradient"
 
@@ -317,6 +343,14 @@ def test_model_dtype_logits_match_the_gold_of_those_logits(backend, problem):
 @given(problem=linear_problems(dtypes=(torch.bfloat16, torch.float16)))
 def test_one_teacher_model_dtype_logits_match_the_gold_of_those_logits(backend, problem):
     check_against_gold(in_one_dtype(problem), backend, one_teacher=True, model_dtype_logits=True)
+
+
+@pytest.mark.parametrize("one_teacher", [False, True], ids=["anchored", "one teacher"])
+@pytest.mark.parametrize("backend", ONE_TEACHER_BACKENDS)
+@given(problem=linear_problems(dtypes=(torch.bfloat16,)))
+def test_weight_gradient_summed_in_bfloat16_loses_at_most_a_rounding_per_chunk(backend, problem, one_teacher):
+    check_against_gold(in_one_dtype(problem), backend, one_teacher=one_teacher, model_dtype_logits=True,
+                       sum_in_weight_dtype=True)
 
 
 # --- fixed problems ----------------------------------------------------------------------------------
@@ -436,6 +470,44 @@ def test_default_chunk_rows_follow_the_hidden_size():
     assert [fused_linear.default_chunk_rows(h) for h in (7, 896, 3584, 4096)] == [16, 64, 288, 336]
     for dtype in (torch.bfloat16, torch.float16):
         assert [fused_linear.default_chunk_rows(h, dtype) for h in (7, 896, 3584, 4096)] == [16, 592, 2384, 2720]
+    assert [fused_linear.default_chunk_rows(h, torch.bfloat16, sum_in_weight_dtype=True)
+            for h in (7, 896, 3584, 4096)] == [16, 288, 1184, 1360]
+    assert fused_linear.default_chunk_rows(896, None, sum_in_weight_dtype=True) == 64
+
+
+def test_weight_gradient_summed_in_bfloat16_holds_no_float32_copy():
+    """accum_dtype=torch.bfloat16: the running sum is the bfloat16 result itself, the chunk's product
+    added into it (one addmm_ per chunk with bfloat16 logits; float32 product slabs with float32 logits)."""
+    weight = torch.zeros(41, 12, dtype=torch.bfloat16)
+    for product_dtype, slabs in ((torch.bfloat16, 1), (torch.float32, 9)):
+        with mock.patch.object(fused_linear, "SLAB_ELEMENTS", 5 * 12):
+            gradient = fused_linear.WeightGradient(weight, torch.float32, product_dtype, in_weight_dtype=True)
+        assert len(gradient.slabs) == slabs
+        grad, hidden = torch.randn(3, 41), torch.randn(3, 12)
+        gradient.add(grad.to(product_dtype), hidden.to(product_dtype), 0.5)
+        result = gradient.result()
+        assert result.dtype == torch.bfloat16
+        assert all(part.untyped_storage().data_ptr() == result.untyped_storage().data_ptr() for part in gradient._parts)
+        expected = 0.5 * grad.to(product_dtype).double().t() @ hidden.to(product_dtype).double()
+        torch.testing.assert_close(result.double(), expected, rtol=2**-7, atol=1e-6)
+
+
+def test_float32_logits_with_the_weight_gradient_summed_in_bfloat16():
+    """accum_dtype=torch.bfloat16 with float32 logits: the loss and hidden-state gradient are those of
+    the float32 sum, the weight gradient within one bfloat16 rounding per chunk of it."""
+    inputs = _inputs(batch=(3, 7), dtype=torch.bfloat16)
+    results = []
+    for accum_dtype in (None, torch.bfloat16):
+        leaves = _student_leaves(inputs)
+        loss = _call(leaves, inputs, chunk_size=4, accum_dtype=accum_dtype)
+        results.append((loss, *torch.autograd.grad(loss, leaves)))
+    (loss, hidden_grad, weight_grad), (loss_b, hidden_grad_b, weight_grad_b) = results
+    assert torch.equal(loss, loss_b) and torch.equal(hidden_grad, hidden_grad_b)
+    chunks = 6  # 21 rows by 4
+    assert weight_grad_b.dtype == torch.bfloat16
+    torch.testing.assert_close(weight_grad_b.double(), weight_grad.double(), rtol=0,
+                               atol=chunks * 2.0**-8 * weight_grad.double().abs().max().item())
+    assert not torch.equal(weight_grad_b, torch.zeros_like(weight_grad_b))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -716,6 +788,12 @@ BAD_INPUTS = [
      "logits_dtype must be None (float32 logits from the tensors as given), torch.bfloat16 or torch.float16"),
     ("logits_dtype a string", lambda: [t.bfloat16() for t in _inputs()], {"logits_dtype": "bfloat16"}, TypeError,
      "logits_dtype must be None or a torch.dtype, got str"),
+    ("accum_dtype a string", lambda: [t.bfloat16() for t in _inputs()], {"accum_dtype": "bfloat16"}, TypeError,
+     "accum_dtype must be None or a torch.dtype, got str"),
+    ("accum_dtype float16", lambda: [t.half() for t in _inputs()], {"accum_dtype": torch.float16}, ValueError,
+     "accum_dtype must be None or torch.float32 (the weight gradient summed in float32), or torch.bfloat16"),
+    ("accum_dtype bfloat16 for a float32 weight", _inputs, {"accum_dtype": torch.bfloat16}, ValueError,
+     "student_weight has dtype torch.float32; pass accum_dtype=None"),
 ]
 
 
